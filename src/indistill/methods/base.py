@@ -1,0 +1,116 @@
+"""The one interface every KD method implements, and its registry.
+
+A method is an ``nn.Module``: any extra trainable modules it owns (regressors,
+embedding heads) are its submodules and any state (memory banks) its buffers,
+so the engine optimises and checkpoints them with the student without knowing
+what they are. ``forward`` returns a dict of *named* loss terms, already
+weighted; the engine sums them and logs each one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data.base import Batch
+from ..errors import UserError, suggest
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class MethodContext:
+    """What a method may know when it is built.
+
+    Shapes exclude the batch dim. ``stage_taps`` are the aligned intermediate
+    tap names, shallow to deep (e.g. ``["stage1", "stage2", "stage3"]``); every
+    name is a key of both shape dicts. ``embedding`` and ``logits`` are always present.
+    """
+
+    student_shapes: dict[str, Shape]
+    teacher_shapes: dict[str, Shape]
+    num_classes: int
+    num_samples: int = 0
+    stage_taps: list[str] = field(default_factory=list)
+    epochs: int = 1
+
+
+class Method(nn.Module):
+    """Base class of stage-2 KD methods.
+
+    Subclasses set ``name``, ``paper`` and ``summary``, take their
+    hyper-parameters as keyword arguments of ``__init__`` (with defaults: those
+    are the documented defaults) after ``ctx``, and implement ``forward``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: taps read from student/teacher: any of "logits", "embedding", "stages"
+    uses: ClassVar[tuple[str, ...]] = ("logits",)
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(
+        self,
+        student: Mapping[str, torch.Tensor],
+        teacher: Mapping[str, torch.Tensor],
+        batch: Batch,
+        epoch: int,
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch. ``teacher`` tensors are detached; ``epoch`` is 0-based."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under ``cls.name``."""
+    if not cls.name or cls.name in _METHODS:
+        raise ValueError(f"bad or duplicate method name {cls.name!r}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    import indistill.methods  # noqa: F401  (its __init__ imports every method file)
+
+
+def list_methods() -> dict[str, type[Method]]:
+    _load()
+    return dict(sorted(_METHODS.items()))
+
+
+def method_params(cls: type[Method]) -> dict[str, Any]:
+    """The method's hyper-parameters and their defaults, from ``__init__``'s signature."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n not in ("self", "ctx") and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | None = None) -> Method:
+    """Build a registered method; unknown names or parameters raise a one-line ``UserError``."""
+    _load()
+    if name not in _METHODS:
+        raise UserError(f"unknown KD method '{name}'{suggest(name, _METHODS)}; see `indistill methods`")
+    cls = _METHODS[name]
+    allowed = method_params(cls)
+    params = dict(params or {})
+    for k in params:
+        if k not in allowed:
+            raise UserError(
+                f"method '{name}' has no parameter '{k}'{suggest(k, allowed)}; "
+                f"its parameters: {', '.join(allowed) or 'none'}"
+            )
+    return cls(ctx, **params)
