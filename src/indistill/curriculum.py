@@ -1,0 +1,89 @@
+"""The InDistill warmup schedule: one tap at a time, shallow to deep.
+
+Phase k (1-based) distils intermediate tap k with MSE for ``a + k`` epochs
+(deeper = harder = longer); the last phase distils the embedding with the
+representation loss (PKT by default) for the rest of the warmup. Exactly one
+loss is active in any epoch; losses are never summed across taps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Phase:
+    tap: str  # student tap name
+    loss: str  # "mse" | "pkt" | "pkt_original"
+    epochs: int
+    start: int  # first epoch (0-based) of the phase
+
+
+class Schedule:
+    """An ordered list of phases covering epochs ``0 .. total-1``."""
+
+    def __init__(self, phases: Sequence[tuple[str, str, int]]):
+        if not phases:
+            raise UserError("the warmup schedule has no phases; give warmup.taps or set warmup=none")
+        out, start = [], 0
+        for tap, loss, epochs in phases:
+            if epochs < 1:
+                raise UserError(f"warmup phase on '{tap}' has {epochs} epochs; every phase needs at least 1")
+            out.append(Phase(tap, loss, int(epochs), start))
+            start += int(epochs)
+        self.phases: list[Phase] = out
+        self.total = start
+
+    def phase_at(self, epoch: int) -> Phase:
+        """The phase active in 0-based ``epoch``."""
+        for p in self.phases:
+            if p.start <= epoch < p.start + p.epochs:
+                return p
+        raise IndexError(f"epoch {epoch} is outside the warmup ({self.total} epochs)")
+
+    def describe(self) -> str:
+        return " -> ".join(f"{p.tap}:{p.loss}x{p.epochs}" for p in self.phases)
+
+    def __iter__(self):
+        return iter(self.phases)
+
+    def __len__(self) -> int:
+        return len(self.phases)
+
+
+def default_schedule(
+    taps: Sequence[str],
+    *,
+    a: int = 2,
+    total_epochs: int | None = None,
+    phase_epochs: Sequence[int] | None = None,
+    tap_loss: str = "mse",
+    embedding_tap: str = "embedding",
+    embedding_loss: str | None = "pkt",
+) -> Schedule:
+    """METHOD.md's default: ``taps[k-1]`` with ``tap_loss`` for ``a + k`` epochs, then the embedding
+    with ``embedding_loss`` for ``total_epochs - sum(...)`` epochs (none if that is 0 or the loss is None)."""
+    if phase_epochs is not None:
+        if len(phase_epochs) != len(taps):
+            raise UserError(
+                f"warmup.phase_epochs has {len(phase_epochs)} entries for {len(taps)} taps ({', '.join(taps)}); "
+                f"give one per tap"
+            )
+        epochs = [int(e) for e in phase_epochs]
+    else:
+        epochs = [a + k for k in range(1, len(taps) + 1)]
+    phases: list[tuple[str, str, int]] = [(t, tap_loss, e) for t, e in zip(taps, epochs)]
+    used = sum(epochs)
+    if total_epochs is not None and embedding_loss not in (None, "none"):
+        rest = total_epochs - used
+        if rest < 0:
+            raise UserError(
+                f"warmup.epochs={total_epochs} is shorter than its tap phases ({used} epochs: "
+                f"{' + '.join(map(str, epochs))}); raise warmup.epochs or lower warmup.a"
+            )
+        if rest > 0:
+            phases.append((embedding_tap, embedding_loss, rest))
+    return Schedule(phases)
