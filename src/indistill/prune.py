@@ -1,0 +1,469 @@
+"""Width alignment by pruning: per-tap channel selection and the pruned-teacher view.
+
+Where a teacher tap is wider than the matching student tap, InDistill keeps
+the student's number of teacher channels: those whose *producing* filters
+have the largest L1 norm (structured L1 filter pruning, the ranking of
+``torch.nn.utils.prune.ln_structured(n=1, dim=0)``). The pruned layer still
+receives the teacher's unpruned previous activation, so the pruned tap is
+exactly ``teacher_tap[:, kept]`` -- BatchNorm affine parameters, biases and
+running statistics of the kept channels are those of the teacher. We never
+build a smaller network to get the targets: :class:`PrunedTeacher` runs the
+teacher once and index-selects the kept channels of its taps, which is the
+same tensor the physically pruned layer would compute (the tests prove it
+with :func:`physically_pruned_block`) and cannot lose BatchNorm statistics.
+
+Producers
+    The producer of a tap is found by one dry forward with hooks: for a tap on
+    module ``M``'s output, the last ``Conv{1,2,3}d`` (4-D taps) executed inside
+    ``M``'s subtree whose out-channels equal the tap's channels; failing
+    that, the last such layer executed before the tap. For a ``"path:in"`` tap
+    (the embedding) it is the last conv or linear executed before ``path``
+    runs whose width matches (a conv for ``fc:in`` after global pooling, a
+    linear for an MLP head). ``producers={tap: "module.path"}`` overrides it.
+
+Importance
+    ``"l1"`` (default, the authors' choice): L1 norm of the producer's
+    filters. For a residual stage the producer is the last conv writing into
+    the stage output (``layer1.2.conv2``), as in the paper.
+    ``"group"``: Torch-Pruning's dependency graph gives the group of every
+    layer coupled to the producer's output channels (through residual
+    additions: all convs writing into the stage, their BatchNorms, and the
+    convs/linears that read it); importance is
+    ``tp.importance.MagnitudeImportance(p=1, group_reduction="mean",
+    normalizer=None)`` over that group. "mean" and "sum" rank channels
+    identically here (every member of the group covers all channels, so the
+    mean is the sum divided by a constant); we use "mean" like Torch-Pruning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError, suggest
+from .models.taps import OUTPUT, Taps, parse_spec, resolve_module, tap_shapes
+
+__all__ = [
+    "IMPORTANCE_MODES",
+    "RESIZE_MODES",
+    "PrunedTeacher",
+    "find_producers",
+    "l1_filter_ranking",
+    "physically_pruned_block",
+    "prune_to_student",
+]
+
+IMPORTANCE_MODES = ("l1", "group")
+RESIZE_MODES = (None, "avgpool")
+# Taps passed through unpruned so that a KD stage gets them from the same teacher forward.
+PASSTHROUGH = ("embedding", "logits")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def l1_filter_ranking(weight: torch.Tensor) -> torch.Tensor:
+    """Output filters of a conv/linear ``weight`` ordered by L1 norm, largest first (ties: lower index first).
+
+    The norm is the one ``torch.nn.utils.prune.ln_structured(n=1, dim=0)``
+    uses, so ``l1_filter_ranking(w)[:k]`` is the set of filters it keeps.
+    """
+    if weight.dim() < 2:
+        raise UserError(f"filter ranking needs a conv or linear weight (>= 2 dims), got shape {tuple(weight.shape)}")
+    w = weight.detach()
+    norms = torch.linalg.vector_norm(w, ord=1, dim=list(range(1, w.dim())))
+    return torch.argsort(norms, descending=True, stable=True)
+
+
+def physically_pruned_block(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, kept: torch.Tensor) -> nn.Sequential:
+    """A new ``Conv2d`` (+ ``BatchNorm2d``) holding only the ``kept`` output channels of ``conv`` (+ ``bn``).
+
+    Input channels are untouched (the layer reads the unpruned previous
+    activation). BatchNorm's weight, bias, running mean/var, eps and momentum
+    are carried over for the kept channels; its train/eval mode is copied.
+    """
+    if conv.groups != 1:
+        raise UserError(f"physically_pruned_block supports groups=1 convs only, got groups={conv.groups}")
+    kept = kept.to(conv.weight.device, torch.long)
+    w = conv.weight.detach()
+    new_conv = nn.Conv2d(
+        conv.in_channels, len(kept), conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        device=w.device, dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new_conv.weight.copy_(w[kept])
+        if conv.bias is not None:
+            new_conv.bias.copy_(conv.bias.detach()[kept])
+    layers: list[nn.Module] = [new_conv]
+    if bn is not None:
+        new_bn = nn.BatchNorm2d(
+            len(kept), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+            track_running_stats=bn.track_running_stats, device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            if bn.affine:
+                new_bn.weight.copy_(bn.weight.detach()[kept])
+                new_bn.bias.copy_(bn.bias.detach()[kept])
+            if bn.track_running_stats:
+                new_bn.running_mean.copy_(bn.running_mean[kept])
+                new_bn.running_var.copy_(bn.running_var[kept])
+                new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        new_bn.train(bn.training)
+        layers.append(new_bn)
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- producers
+
+
+def _is_producer(module: nn.Module, channels: int, vector_tap: bool) -> bool:
+    if isinstance(module, _CONV):
+        return module.out_channels == channels
+    if vector_tap and isinstance(module, nn.Linear):
+        return module.out_features == channels
+    return False
+
+
+@torch.no_grad()
+def find_producers(
+    model: nn.Module,
+    specs: Mapping[str, str],
+    input_shape: tuple[int, ...],
+    overrides: Mapping[str, str] | None = None,
+) -> dict[str, str | None]:
+    """Module path of the layer producing each tap's channels (``None`` where none is found).
+
+    Runs one dry forward (eval mode, zeros input) recording the execution
+    order of every conv/linear and of every tap; see the module docstring for
+    the rule. ``overrides`` maps tap name -> module path and wins.
+    """
+    overrides = dict(overrides or {})
+    for tap in overrides:
+        if tap not in specs:
+            raise UserError(f"producers names unknown tap '{tap}'{suggest(tap, specs)}; taps: {', '.join(specs)}")
+    name_of = {m: n for n, m in model.named_modules()}
+    events: list[tuple[str, str]] = []  # ("layer", path) or ("tap", tap name), in execution order
+    handles = []
+
+    def layer_hook(m, _i, _o):
+        events.append(("layer", name_of[m]))
+
+    def tap_hook(tap):
+        return lambda *_a: events.append(("tap", tap))
+
+    for m in model.modules():
+        if isinstance(m, (*_CONV, nn.Linear)):
+            handles.append(m.register_forward_hook(layer_hook))
+    paths: dict[str, tuple[str, str]] = {}
+    for tap, spec in specs.items():
+        path, kind = parse_spec(spec)
+        paths[tap] = (path, kind)
+        if path == OUTPUT:
+            continue
+        mod = resolve_module(model, path)
+        # Registered after the layer hooks, so a tap on a conv itself sees that conv first.
+        handles.append(mod.register_forward_pre_hook(tap_hook(tap)) if kind == "in" else mod.register_forward_hook(tap_hook(tap)))
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with Taps(model, specs) as taps:
+            _, feats = taps(torch.zeros(2, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    modules = dict(model.named_modules())
+    result: dict[str, str | None] = {}
+    for tap, (path, kind) in paths.items():
+        shape = tuple(feats[tap].shape[1:])
+        channels, vector_tap = shape[0], len(shape) == 1
+        if tap in overrides:
+            mod = resolve_module(model, overrides[tap])
+            if not _is_producer(mod, channels, vector_tap):
+                raise UserError(
+                    f"producer '{overrides[tap]}' for tap {tap} {shape} is a {type(mod).__name__} without "
+                    f"{channels} output channels; name a conv{'/linear' if vector_tap else ''} writing that tap"
+                )
+            result[tap] = overrides[tap]
+            continue
+        # Everything executed before the (last) capture of this tap; "@output" sees the whole forward.
+        last = max((i for i, e in enumerate(events) if e == ("tap", tap)), default=len(events))
+        before = [n for kind_, n in events[:last] if kind_ == "layer"]
+        candidates = [n for n in before if _is_producer(modules[n], channels, vector_tap)]
+        inside = [n for n in candidates if kind == "out" and path != OUTPUT and (n == path or n.startswith(path + "."))]
+        result[tap] = (inside or candidates or [None])[-1]
+    return result
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def _group_rankings(
+    model: nn.Module, producers: Mapping[str, str], input_shape: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """Channel ranking per tap from Torch-Pruning's coupled groups (group L1 magnitude)."""
+    import torch_pruning as tp
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        # Tracing follows autograd, so frozen teachers are unfrozen for the trace (restored below).
+        for p, _ in flags:
+            p.requires_grad_(True)
+        model.eval()  # Torch-Pruning traces in eval mode too: BatchNorm statistics stay untouched
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.zeros(1, *input_shape, device=device), verbose=False
+            )
+        modules = dict(model.named_modules())
+        scorer = tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+        out: dict[str, torch.Tensor] = {}
+        for tap, path in producers.items():
+            layer = modules[path]
+            if isinstance(layer, nn.Linear):
+                fn, n = tp.prune_linear_out_channels, layer.out_features
+            else:
+                fn, n = tp.prune_conv_out_channels, layer.out_channels
+            group = dg.get_pruning_group(layer, fn, idxs=list(range(n)))
+            imp = scorer(group)
+            if imp is None or imp.numel() != n:
+                raise UserError(f"torch-pruning found no usable group for '{path}' (tap {tap}); use importance='l1'")
+            out[tap] = torch.argsort(imp.detach().cpu(), descending=True, stable=True)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- pruned teacher
+
+
+def _buffer_name(tap: str) -> str:
+    return "kept_" + "".join(c if c.isalnum() or c == "_" else "_" for c in tap)
+
+
+class PrunedTeacher(nn.Module):
+    """A frozen teacher whose taps are restricted to the channels kept for each student tap.
+
+    ``forward(x)`` runs the teacher once (eval mode, no grad) and returns a
+    dict keyed by *student* tap name: ``teacher_tap[:, kept]`` (adaptive
+    average pooled to the student size if ``resize="avgpool"``), plus the
+    teacher's unpruned ``"embedding"`` and ``"logits"`` when the teacher has
+    those taps and no pair already produces that name.
+
+    Attributes: ``teacher``, ``pairs`` (teacher tap -> student tap),
+    ``kept`` (teacher tap -> sorted LongTensor), ``widths`` (teacher tap ->
+    (teacher channels, student channels)), ``producers`` (teacher tap ->
+    module path or None), ``shapes`` (teacher tap -> (teacher shape, student
+    shape)), ``importance``, ``resize``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        teacher_taps: Mapping[str, str],
+        pairs: Mapping[str, str],
+        kept: Mapping[str, torch.Tensor],
+        shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+        producers: Mapping[str, str | None],
+        importance: str = "l1",
+        resize: str | None = None,
+    ):
+        super().__init__()
+        self.teacher = teacher
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.pairs = dict(pairs)
+        self.shapes = {t: (tuple(a), tuple(b)) for t, (a, b) in shapes.items()}
+        self.widths = {t: (a[0], b[0]) for t, (a, b) in self.shapes.items()}
+        self.producers = dict(producers)
+        self.importance = importance
+        self.resize = resize
+        self._pruned = {t for t in self.pairs if self.widths[t][0] != self.widths[t][1]}
+        for t in self.pairs:
+            self.register_buffer(_buffer_name(t), torch.as_tensor(kept[t], dtype=torch.long).sort().values.clone())
+        extra = {n: teacher_taps[n] for n in PASSTHROUGH if n in teacher_taps and n not in self.pairs.values()}
+        self.tap_specs = {t: teacher_taps[t] for t in self.pairs} | extra
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        """Kept teacher channels per teacher tap (sorted ascending)."""
+        return {t: getattr(self, _buffer_name(t)) for t in self.pairs}
+
+    def train(self, mode: bool = True) -> "PrunedTeacher":
+        # The teacher is a fixed target: BatchNorm must keep using its running statistics.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pruned targets (by student tap name) plus unpruned embedding/logits, from one teacher forward."""
+        self.teacher.eval()
+        with Taps(self.teacher, self.tap_specs) as taps:
+            _, feats = taps(x)
+        return self.targets_from(feats)
+
+    def targets_from(self, teacher_feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply the channel selection (and resize) to teacher taps already computed, keyed by teacher tap name."""
+        missing = [t for t in self.pairs if t not in teacher_feats]
+        if missing:
+            raise UserError(
+                f"teacher features lack tap(s) {', '.join(missing)} (have: {', '.join(teacher_feats)}); "
+                f"capture them with Taps(teacher, pruned.tap_specs)"
+            )
+        out: dict[str, torch.Tensor] = {}
+        kept = self.kept
+        for t, s in self.pairs.items():
+            f = teacher_feats[t]
+            if t in self._pruned:
+                f = f.index_select(1, kept[t].to(f.device))
+            student_shape = self.shapes[t][1]
+            if self.resize == "avgpool" and tuple(f.shape[2:]) != tuple(student_shape[1:]):
+                f = F.adaptive_avg_pool2d(f, tuple(student_shape[1:]))
+            out[s] = f
+        for n in PASSTHROUGH:
+            if n in teacher_feats and n not in out:
+                out[n] = teacher_feats[n]
+        return out
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per pair: teacher/student tap and shape, kept count, producer module."""
+        return [
+            {
+                "teacher_tap": t,
+                "student_tap": s,
+                "teacher_shape": self.shapes[t][0],
+                "student_shape": self.shapes[t][1],
+                "kept": len(self.kept[t]),
+                "producer": self.producers.get(t),
+            }
+            for t, s in self.pairs.items()
+        ]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{r['teacher_tap']}->{r['student_tap']}: {r['teacher_shape'][0]}->{r['kept']}" for r in self.table())
+
+
+def _specs_of(model: nn.Module, explicit: Mapping[str, str] | None, role: str) -> dict[str, str]:
+    if explicit is not None:
+        return dict(explicit)
+    specs = getattr(model, "indistill_taps", None)
+    if specs is None:
+        raise UserError(
+            f"{role} {type(model).__name__} declares no taps; pass {role}_taps="
+            f"{{'stage1': 'layer1', 'embedding': 'fc:in', 'logits': '@output'}}"
+        )
+    return dict(specs)
+
+
+def _normalise_pairs(pairs: Mapping[str, str] | Sequence[str] | None, t_specs, s_specs) -> dict[str, str]:
+    if pairs is None:
+        pairs = [n for n in t_specs if n in s_specs and n not in PASSTHROUGH]
+        if not pairs:
+            raise UserError("teacher and student share no stage tap names; pass pairs={teacher_tap: student_tap}")
+    if not isinstance(pairs, Mapping):
+        pairs = {n: n for n in pairs}
+    for t, s in pairs.items():
+        if t not in t_specs:
+            raise UserError(f"teacher has no tap '{t}'{suggest(t, t_specs)}; teacher taps: {', '.join(t_specs)}")
+        if s not in s_specs:
+            raise UserError(f"student has no tap '{s}'{suggest(s, s_specs)}; student taps: {', '.join(s_specs)}")
+    if len(set(pairs.values())) != len(pairs):
+        raise UserError(f"two teacher taps map to the same student tap in pairs {dict(pairs)}; pair each student tap once")
+    return dict(pairs)
+
+
+def prune_to_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Mapping[str, str] | Sequence[str] | None = None,
+    *,
+    input_shape: tuple[int, ...],
+    importance: str = "l1",
+    producers: Mapping[str, str] | None = None,
+    resize: str | None = None,
+    teacher_taps: Mapping[str, str] | None = None,
+    student_taps: Mapping[str, str] | None = None,
+) -> PrunedTeacher:
+    """Choose, for each teacher tap in ``pairs``, the teacher channels matching the student tap's width.
+
+    Args:
+        teacher, student: models; their taps come from ``indistill_taps`` or
+            the explicit ``teacher_taps`` / ``student_taps`` spec dicts.
+        pairs: teacher tap name -> student tap name; a list means equal names;
+            ``None`` pairs every stage tap the two share (not embedding/logits).
+        input_shape: one input's (C, H, W), for the dry forward that finds shapes.
+        importance: ``"l1"`` (producer filter L1 norm) or ``"group"``
+            (Torch-Pruning coupled-group L1 magnitude).
+        producers: teacher tap -> module path, overriding the automatic producer.
+        resize: ``None`` (spatial sizes must match) or ``"avgpool"`` (adaptive
+            average pooling of the teacher map down to the student size).
+
+    Raises:
+        UserError: unknown taps, a teacher tap narrower than its student tap,
+            different spatial sizes without ``resize``, no producer found.
+    """
+    if importance not in IMPORTANCE_MODES:
+        raise UserError(f"unknown importance '{importance}'; choose one of: {', '.join(IMPORTANCE_MODES)}")
+    if resize not in RESIZE_MODES:
+        raise UserError(f"unknown resize '{resize}'; choose 'avgpool' or leave it unset (null)")
+    t_specs = _specs_of(teacher, teacher_taps, "teacher")
+    s_specs = _specs_of(student, student_taps, "student")
+    pairs = _normalise_pairs(pairs, t_specs, s_specs)
+    input_shape = tuple(input_shape)
+
+    t_shapes = tap_shapes(teacher, {t: t_specs[t] for t in pairs}, input_shape)
+    s_shapes = tap_shapes(student, {s: s_specs[s] for s in pairs.values()}, input_shape)
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for t, s in pairs.items():
+        ts, ss = t_shapes[t], s_shapes[s]
+        what = f"teacher tap {t} {ts} and student tap {s} {ss}"
+        if len(ts) != len(ss):
+            raise UserError(f"{what} have different ranks; pair a feature map with a feature map, a vector with a vector")
+        if ts[0] < ss[0]:
+            raise UserError(
+                f"teacher tap {t} {ts} is narrower than student tap {s} {ss}: "
+                f"choose a wider teacher or a narrower student"
+            )
+        if ts[1:] != ss[1:]:
+            if resize != "avgpool":
+                raise UserError(
+                    f"{what} differ in spatial size: choose taps with equal sizes, or opt in to resize: avgpool"
+                )
+            if any(a < b for a, b in zip(ts[1:], ss[1:])):
+                raise UserError(f"{what}: resize avgpool only shrinks, but the teacher map is smaller; choose other taps")
+        shapes[t] = (ts, ss)
+
+    to_prune = [t for t in pairs if shapes[t][0][0] != shapes[t][1][0]]
+    found = find_producers(teacher, {t: t_specs[t] for t in pairs}, input_shape, overrides=producers)
+    for t in to_prune:
+        if found[t] is None:
+            raise UserError(
+                f"no conv/linear with {shapes[t][0][0]} output channels produces teacher tap {t} ({t_specs[t]}); "
+                f"name it with producers: {{{t}: <module path>}}"
+            )
+    modules = dict(teacher.named_modules())
+    rankings: dict[str, torch.Tensor] = {}
+    if importance == "group" and to_prune:
+        rankings = _group_rankings(teacher, {t: found[t] for t in to_prune}, input_shape)
+    else:
+        rankings = {t: l1_filter_ranking(modules[found[t]].weight).cpu() for t in to_prune}
+
+    kept = {}
+    for t in pairs:
+        k = shapes[t][1][0]
+        kept[t] = rankings[t][:k].sort().values if t in rankings else torch.arange(k)
+    return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize)
