@@ -1,0 +1,149 @@
+"""Run reports: ``results.json``, ``results.md`` (tables) and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, to_dict
+
+
+def machine_info() -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def retrieval(res: dict[str, Any], protocol: str, metric: str) -> dict[str, Any] | None:
+    """The retrieval block of one model's results for (protocol, metric), or None if not evaluated."""
+    return res.get("retrieval", {}).get(protocol, {}).get(metric)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}" if x <= 1.0 else f"{x:.2f}"
+
+
+def results_table(models: dict[str, Any], protocol: str = "standard") -> str:
+    """Markdown table: one row per model, top-1 and retrieval metrics in percent."""
+    head = "| model | role | arch | params | top-1 | mAP cos | mAP euc | mAP11 cos | mAP11 euc | P@100 cos | P@100 euc |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in models.items():
+        cos, euc = retrieval(r, protocol, "cosine") or {}, retrieval(r, protocol, "euclidean") or {}
+        lines.append(
+            f"| {name} | {r.get('role', '')} | {r.get('model', '')} | {r.get('params', 0) / 1e6:.3f}M | "
+            f"{r.get('top1', float('nan')):.2f} | {_pct(cos.get('map'))} | {_pct(euc.get('map'))} | "
+            f"{_pct(cos.get('map11'))} | {_pct(euc.get('map11'))} | {_pct(cos.get('p@100'))} | {_pct(euc.get('p@100'))} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard") -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for ax, metric in zip(axes, ("cosine", "euclidean")):
+        for name, r in models.items():
+            block = retrieval(r, protocol, metric)
+            if not block or "pr_curve" not in block:
+                continue
+            ax.plot(block["pr_curve"]["recall"], block["pr_curve"]["precision"], marker=".", label=name)
+            drawn = True
+        ax.set(title=f"precision-recall ({metric})", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path if drawn else None
+
+
+def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """One figure per stage: loss terms and test top-1 against epochs, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return []
+    stages: dict[str, list[dict[str, Any]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            stages.setdefault(row["stage"], []).append(row)
+    paths = []
+    for stage, rows in stages.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        epochs = [r["epoch"] for r in rows]
+        keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
+        for k in keys:
+            ax.plot(epochs, [r.get(k, float("nan")) for r in rows], label=k[5:])
+        ax.set(xlabel="epoch", ylabel="loss", title=stage, yscale="log")
+        ax.legend(fontsize=7, loc="upper left")
+        if any("test_top1" in r for r in rows):
+            ax2 = ax.twinx()
+            ax2.plot([r["epoch"] for r in rows if "test_top1" in r], [r["test_top1"] for r in rows if "test_top1" in r],
+                     "k--", label="test top-1")
+            ax2.set_ylabel("test top-1 (%)")
+        fig.tight_layout()
+        p = out_dir / f"train_{stage.replace('.', '_')}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(
+    run_dir: str | Path, models: dict[str, Any], *, cfg: Config | None = None, command: str = "",
+    wall_time_s: float | None = None,
+) -> dict[str, Any]:
+    """Write results.json, results.md and plots/ into ``run_dir``; return the results dict."""
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    out = {
+        "command": command,
+        "machine": machine_info(),
+        "wall_time_s": wall_time_s,
+        "config": to_dict(cfg) if cfg is not None else None,
+        "models": models,
+    }
+    (run_dir / "results.json").write_text(json.dumps(out, indent=1))
+    pr = plot_pr_curves(models, plots / "pr_curves.png")
+    train_plots = plot_training(run_dir / "metrics.jsonl", plots)
+    protocols = sorted({p for r in models.values() for p in r.get("retrieval", {})}, key=lambda p: p != "standard")
+    md = [f"# Results: {run_dir.name}", ""]
+    if command:
+        md += [f"Command: `{command}`", ""]
+    m = out["machine"]
+    md += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+           + (f", GPU {m['cuda']}" if m["cuda"] else "")]
+    if wall_time_s is not None:
+        md += [f"Wall time: {wall_time_s / 60:.1f} min (this invocation; finished stages are not re-run)"]
+    md += [""]
+    for protocol in protocols or ["standard"]:
+        label = "standard metrics" if protocol == "standard" else "the authors' evaluation protocol (see docs/evaluation.md)"
+        md += [f"## Retrieval: {label}", "", results_table(models, protocol), ""]
+    md += ["Top-1 is on the test split at the end of training (never the best epoch). Retrieval: database = training "
+           "split without augmentation, queries = test split, features = the embedding tap. All numbers in percent.", ""]
+    if pr:
+        md += [f"![precision-recall]({pr.relative_to(run_dir)})", ""]
+    md += [f"Training curves: {', '.join(str(p.relative_to(run_dir)) for p in train_plots)}", ""]
+    (run_dir / "results.md").write_text("\n".join(md))
+    return out
