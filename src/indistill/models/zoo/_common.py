@@ -1,0 +1,42 @@
+"""Argument checks and weight init shared by the zoo models.
+
+The zoo's own models use out-of-place ReLUs on purpose: a forward hook that
+captures a BatchNorm or conv output (pruning, custom taps) must not see it
+overwritten by the next layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ...errors import UserError
+
+
+def check_io(num_classes: int, in_channels: int) -> None:
+    """Reject non-positive class / channel counts with a one-line fix."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise UserError(f"in_channels must be a positive integer (1 for grayscale, 3 for RGB), got {in_channels!r}")
+
+
+def check_widths(name: str, widths: Sequence[int], n: int) -> tuple[int, ...]:
+    """Return ``widths`` as a tuple of ``n`` positive ints or raise ``UserError``."""
+    widths = tuple(widths)
+    if len(widths) != n or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise UserError(f"{name} must be {n} positive integers, got {widths!r}")
+    return widths
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He init (fan_out) for convs, unit BatchNorm: the init of the CIFAR KD reference code."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
