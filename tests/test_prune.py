@@ -415,3 +415,13 @@ def test_one_teacher_forward_per_call_and_targets_from_reuse():
     with pytest.raises(UserError, match="stage2"):
         pruned.targets_from({"stage1": feats["stage1"]})
     assert isinstance(pruned, PrunedTeacher)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pruned_teacher_moves_to_cuda():
+    teacher = create_model("resnet8", 10, 3).cuda()
+    student = create_model("resnet8", 10, 3, widths=(8, 16, 32)).cuda()
+    pruned = prune_to_student(teacher, student, None, input_shape=SHAPE, importance="group")
+    out = pruned(torch.randn(2, *SHAPE, device="cuda"))
+    assert all(v.is_cuda for v in out.values()) and all(k.is_cuda for k in pruned.kept.values())
+    assert out["stage1"].shape == (2, 8, 32, 32)

@@ -412,6 +412,10 @@ def prune_to_student(
         resize: ``None`` (spatial sizes must match) or ``"avgpool"`` (adaptive
             average pooling of the teacher map down to the student size).
 
+    Returns:
+        A :class:`PrunedTeacher`; the teacher itself is frozen in place
+        (``requires_grad=False``) and kept in eval mode from then on.
+
     Raises:
         UserError: unknown taps, a teacher tap narrower than its student tap,
             different spatial sizes without ``resize``, no producer found.
