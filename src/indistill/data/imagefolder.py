@@ -1,0 +1,222 @@
+"""``imagefolder`` / ``imagenet``: class-per-folder image trees decoded on the fly.
+
+Layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (``test/``
+is accepted for ``val``). Images go through the standard ImageNet transforms
+in DataLoader workers. Each sample's random transform is seeded from
+``(seed, epoch, index)``, so augmentation does not depend on the number of
+workers or on which worker decodes which image.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import UserError
+from .base import Batch, DataSplits, Split, register_dataset
+from .memory import epoch_generator, search_dirs, subset_indices
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """RandomResizedCrop + horizontal flip + normalise (the standard ImageNet training view)."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    )
+
+
+def eval_transform(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Resize + center crop + normalise (the standard ImageNet evaluation view)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class IndexedImages(Dataset):
+    """``(path, label)`` samples -> ``(image, label, index)``; random transforms seeded per sample."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, random: bool) -> None:
+        from torchvision.datasets.folder import default_loader
+
+        self.samples = samples
+        self.transform = transform
+        self.random = random
+        self.loader = default_loader
+        self.seed = 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        path, label = self.samples[i]
+        try:
+            img = self.loader(path)
+        except Exception as e:  # PIL raises several types for unreadable images
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from e
+        if not self.random:
+            return self.transform(img), label, i
+        seq = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF, i])
+        # fork_rng keeps the caller's global RNG untouched (matters with num_workers=0).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+            x = self.transform(img)
+        return x, label, i
+
+
+class FolderSplit(Split):
+    """A split that decodes images from disk through a ``DataLoader``."""
+
+    def __init__(self, dataset: IndexedImages, num_workers: int = 4) -> None:
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self._labels = torch.tensor([y for _, y in dataset.samples], dtype=torch.long)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        if batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        device = torch.device(device)
+        # A copy per call: concurrent iterations with other (seed, epoch) must not interfere.
+        ds = copy.copy(self.dataset)
+        ds.seed, ds.epoch = int(seed), int(epoch)
+        n = len(ds)
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+            # Without its own generator the DataLoader draws worker seeds from the global RNG.
+            generator=epoch_generator(seed, epoch, stream=1),
+        )
+        for x, y, idx in loader:
+            yield Batch(
+                x.to(device, non_blocking=True),
+                y.to(device, non_blocking=True),
+                idx.to(device, non_blocking=True),
+            )
+
+
+def _scan(root: Path, name: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """Class names, train samples and val/test samples of an ImageFolder-style tree."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    train_dir = root / "train"
+    eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or eval_dir is None:
+        raise UserError(f"{name}: {root} needs train/<class>/ and val/<class>/ image folders; point root at such a directory")
+    try:
+        classes, class_to_idx = find_classes(str(train_dir))
+        train = make_dataset(str(train_dir), class_to_idx, IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise UserError(f"{name}: no usable class folders/images under {train_dir} ({e}); add train/<class>/*.jpg") from e
+    extra = sorted({p.name for p in eval_dir.iterdir() if p.is_dir()} - set(classes))
+    if extra:
+        raise UserError(f"{name}: {eval_dir} has classes missing from train/: {', '.join(extra[:5])}; use the same class folders")
+    test = make_dataset(str(eval_dir), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    if not test:
+        raise UserError(f"{name}: no images under {eval_dir}; add {eval_dir.name}/<class>/*.jpg")
+    return classes, train, test
+
+
+def build_folder_splits(
+    name: str,
+    root: Path,
+    *,
+    image_size: int = 224,
+    resize: int | None = None,
+    num_workers: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> DataSplits:
+    """Build train / train_eval / test ``FolderSplit``s from ``root/train`` and ``root/val``."""
+    if image_size <= 0 or (resize is not None and resize < image_size):
+        raise UserError(f"{name}: need 0 < image_size <= resize, got image_size={image_size}, resize={resize}")
+    resize = resize if resize is not None else round(image_size / 0.875)
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    classes, train, test = _scan(root, name)
+
+    def pick(samples: list[tuple[str, int]], k: int | None) -> list[tuple[str, int]]:
+        keep = subset_indices(torch.tensor([y for _, y in samples], dtype=torch.long), k)
+        return [samples[i] for i in keep.tolist()]
+
+    train, test = pick(train, train_subset), pick(test, test_subset)
+    ev = eval_transform(image_size, resize, mean, std)
+    return DataSplits(
+        name=name,
+        num_classes=len(classes),
+        in_channels=3,
+        image_size=image_size,
+        train=FolderSplit(IndexedImages(train, train_transform(image_size, mean, std), True), num_workers),
+        train_eval=FolderSplit(IndexedImages(train, ev, False), num_workers),
+        test=FolderSplit(IndexedImages(test, ev, False), num_workers),
+    )
+
+
+_OPTIONS = ("image_size", "resize", "num_workers", "mean", "std", "train_subset", "test_subset")
+
+
+def _check_options(name: str, kw: dict) -> None:
+    unknown = sorted(set(kw) - set(_OPTIONS))
+    if unknown:
+        raise UserError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
+
+
+@register_dataset("imagefolder")
+def imagefolder(root: str | None = None, download: bool = False, **kw: Any) -> DataSplits:
+    """Any ``root/train/<class>/`` + ``root/val/<class>/`` tree; classes come from the folder names.
+
+    Options: image_size (224), resize (image_size/0.875), num_workers, mean, std,
+    train_subset, test_subset.
+    """
+    _check_options("imagefolder", kw)
+    if root is None:
+        raise UserError("imagefolder needs root=<directory with train/<class>/ and val/<class>/>")
+    if download:
+        raise UserError("imagefolder cannot be downloaded; set download=false and point root at your images")
+    return build_folder_splits("imagefolder", Path(root).expanduser(), **kw)
+
+
+@register_dataset("imagenet")
+def imagenet(root: str | None = None, download: bool = False, **kw: Any) -> DataSplits:
+    """ImageNet (ILSVRC-2012) in ImageFolder layout, found via the usual data search order."""
+    _check_options("imagenet", kw)
+    if download:
+        raise UserError("ImageNet cannot be downloaded automatically; get it from image-net.org and set root to a dir with train/ and val/")
+    dirs = search_dirs(root, ("imagenet", "ILSVRC2012"), ("/usr/share/datasets/imagenet",))
+    found = next((d for d in dirs if (d / "train").is_dir()), None)
+    if found is None:
+        raise UserError(
+            f"ImageNet not found (no train/ in {', '.join(str(d) for d in dirs)}); "
+            "set root to a dir with train/<wnid>/ and val/<wnid>/ (val sorted into class folders)"
+        )
+    return build_folder_splits("imagenet", found, **kw)
