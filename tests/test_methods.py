@@ -378,6 +378,21 @@ def test_state_dict_round_trip(name, tmp_path):
         assert torch.equal(o1[k], o2[k]), k
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_autocast_low_precision_features_give_fp32_losses(name):
+    # Under AMP the taps arrive in half precision; the losses (exp(x/0.07), logs, Gram
+    # matrices) must still be computed, and returned, in float32.
+    torch.manual_seed(0)
+    m = create_method(name, make_ctx())
+    s = {k: torch.tensor(v, dtype=torch.bfloat16, requires_grad=True) for k, v in np_feats(1, S_SHAPES).items()}
+    t = {k: torch.tensor(v, dtype=torch.bfloat16) for k, v in np_feats(2, T_SHAPES).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = m(s, t, batch(), 25)
+    for k, v in terms.items():
+        assert v.dtype == torch.float32 and torch.isfinite(v), k
+    sum(terms.values()).backward()
+
+
 def test_all_methods_registered_with_metadata():
     methods = list_methods()
     assert sorted(methods) == ALL
