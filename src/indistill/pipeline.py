@@ -145,9 +145,9 @@ class Pipeline:
         path.write_text(dump_config(self.cfg))
 
     def _eval_fn(self, model: nn.Module):
-        from .evaluate import classification_metrics, extract_features
-
         def fn(_epoch: int) -> dict[str, float]:
+            from .evaluate import classification_metrics, extract_features
+
             feats = extract_features(
                 model, {"logits": OUTPUT}, self.data.test, device=self.device, batch_size=self.cfg.data.eval_batch_size
             )
