@@ -1,0 +1,500 @@
+"""Classification and retrieval metrics, and feature extraction for them.
+
+Retrieval protocol (the paper's): the database is the training split without
+augmentation, the queries are the test split, features are the embedding tap,
+and a database item is relevant to a query when it has the same label.
+
+Ranking
+-------
+Every database item gets a float64 *ranking key* per query, higher is better:
+
+- ``cosine``:    ``(q . x) / ||x||`` -- the cosine similarity times the
+  per-query constant ``||q||``, which cannot change the order. A zero
+  database vector scores 0.
+- ``euclidean``: ``2 q . x - ||x||^2`` -- minus the squared distance plus the
+  per-query constant ``||q||^2``.
+
+Ties rule: items with equal keys are ranked by database index, lower first
+(what a stable argsort of the negated keys gives). Scores are computed in
+float64 (the queries and database are cast to float64 before the matmul): on
+float32 features a float32 matmul moves keys by ~1e-6 and changes the AP of
+every query in the 7th digit, float64 agrees with any other float64 evaluation
+of the same formula except for pairs closer than ~1e-16 relative. On
+integer-valued features the keys are exact, so ties are exact ties.
+
+Fast exact algorithm
+--------------------
+No per-query sort of the database. Every metric here is a function of the
+ranks of the relevant items only (precision is the relevance count over the
+rank), and those ranks depend only on how relevant and irrelevant items
+interleave, so per query (queries grouped by label, the database grouped by
+label so the relevant items are one column block):
+
+1. sort the R relevant keys (R ~ N / classes);
+2. cut their range into 8R equal cells with a monotone float map
+   (``floor((key - lo) * scale)``: every rounding step is monotone, so an item
+   in a higher cell always has a higher key); tabulate per cell how many
+   relevant keys lie in higher cells and the largest relevant key in it;
+3. every irrelevant item gets "number of relevant items ranked above it" with
+   two table look-ups and one comparison; items whose cell holds several
+   relevant keys or a tie are resolved exactly against each of them (ties by
+   database index); rows where that would be quadratic (huge tie blocks) fall
+   back to a stable sort of the row;
+4. a histogram of those counts gives the number of irrelevant items above the
+   k-th relevant one, hence ``rank_k``.
+
+Cost: one float64 matmul and a few linear passes per query, O(N + R log R)
+instead of the O(N log N) full ranking.
+
+Metrics (``protocol="standard"``)
+---------------------------------
+With ``rank_k`` the rank (1-based) of the k-th relevant item and R the number
+of relevant items, ``prec_k = k / rank_k``:
+
+- ``map``: mean over queries of ``mean_k prec_k`` (non-interpolated AP).
+- ``map11``: mean over queries of the mean, over recall levels
+  0, 0.1, ..., 1, of ``p_interp(r) = max{prec at any rank with recall >= r}``
+  (the envelope over the whole ranking; its maxima sit at relevant ranks).
+- ``p@k``: fraction of relevant items among the top k.
+- ``pr_curve``: ``p_interp`` at recall 0, 0.05, ..., 1, averaged over queries.
+
+``protocol="reference"``
+------------------------
+Reproduces the arithmetic of the authors' released evaluation
+(``Database.evaluate`` in InDistill's ``utils/retrieval_evaluation.py``, after
+Passalis & Tefas): queries in order, in batches of 128 (the last one shorter).
+For a batch of ``r`` queries they build precision at every rank, then run the
+"make precision monotone" pass over column indices ``r-2 .. 0`` only (the loop
+bound is the number of rows of the batch, not of ranks), so precision is a
+running max from the right over ranks 1..r and raw beyond. Then, per recall
+level L, they take the precision at the *first rank whose recall is closest to
+L* (``argmin |recall - L|``; recall = count / class size, float64), with the
+levels ``numpy.arange(0, 1.01, 0.1)`` (mAP) and ``numpy.arange(0, 1.01, 0.05)``
+(the precision-recall curve). Their "top-k precision" is that partly monotone
+precision at rank k averaged over queries.
+
+Differences from ``standard``, all from that code:
+
+1. the monotone envelope covers ranks 1..r (r = 128 for all but the last
+   batch) instead of the whole ranking, so past rank 128 the value is the raw,
+   non-interpolated precision;
+2. the level is matched to the *closest* recall (which may be below the level)
+   instead of "recall >= level";
+3. ``p@k`` for k <= r is the max precision over ranks k..r, not the raw value
+   (so reference ``p@1`` >= standard ``p@1``), and raw for k > r.
+
+``map`` (non-interpolated) is protocol independent; ``map11``, ``p@k`` and
+``pr_curve`` follow the protocol. What is not reproduced: the authors ranked
+with sklearn's brute-force kNN (float32 distances, unspecified order among
+ties); here the ranking is the float64 one with the tie rule above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.base import DataSplits, Split
+from .errors import UserError
+from .models.taps import OUTPUT, Taps
+
+METRICS = ("cosine", "euclidean")
+PROTOCOLS = ("standard", "reference")
+REFERENCE_BATCH = 128  # the authors' query batch size; the monotone pass depends on it
+_CELLS_PER_RELEVANT = 8  # grid resolution: few relevant keys share a cell
+_PR_STEPS = 20  # pr_curve at recall 0, 0.05, ..., 1
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 accuracy in percent, plus top-5 when there are more than 10 classes."""
+    logits = torch.as_tensor(logits)
+    labels = torch.as_tensor(labels).reshape(-1)
+    if logits.dim() != 2 or logits.shape[0] != labels.numel():
+        raise UserError(
+            f"logits must be (N, classes) with one label per row, got logits {tuple(logits.shape)} "
+            f"and {labels.numel()} labels; pass the model outputs and the split's labels"
+        )
+    if labels.numel() == 0:
+        raise UserError("no samples to score; pass a non-empty split")
+    labels = labels.to(logits.device).long()
+    num_classes = logits.shape[1]
+    out: dict[str, float] = {}
+    ks = (1, 5) if num_classes > 10 else (1,)
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == labels[:, None]
+    for k in ks:
+        out[f"top{k}"] = 100.0 * hit[:, :k].any(dim=1).double().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def _keys(q: torch.Tensor, db: torch.Tensor, db_stat: torch.Tensor, metric: str) -> torch.Tensor:
+    """float64 ranking keys (C, N), higher is better (see module docstring)."""
+    if metric == "cosine":
+        return torch.mm(q, db.T).div_(db_stat)  # db_stat: ||x||, 1 for zero rows
+    return torch.addmm(db_stat, q, db.T, beta=1.0, alpha=2.0)  # db_stat: -||x||^2
+
+
+def _cells(values: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, top: int) -> torch.Tensor:
+    """Monotone cell index in [0, top]: floor(values * scale + shift), clamped."""
+    x = torch.addcmul(shift, values, scale)
+    return x.clamp_(0, top).long()
+
+
+def _ranks_by_sort(keys: torch.Tensor, rel_mask: torch.Tensor) -> torch.Tensor:
+    """Exact ranks (1-based, ascending) of the relevant items; keys in database order."""
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+    rel_sorted = torch.gather(rel_mask, 1, order)
+    pos = torch.nonzero(rel_sorted)[:, 1] + 1
+    return pos.view(keys.shape[0], -1)
+
+
+def _relevant_ranks(
+    keys: torch.Tensor, a: int, b: int, db_index: torch.Tensor
+) -> torch.Tensor:
+    """Ranks (C, R) of the relevant items, ascending, for keys over the label-sorted database.
+
+    Columns ``a:b`` are the relevant ones; ``db_index`` maps a column to its
+    original database index (for the tie rule).
+    """
+    dev = keys.device
+    C, N = keys.shape
+    R = b - a
+    rs, rpos = torch.sort(keys[:, a:b], dim=1, descending=True, stable=True)
+    r_index = db_index[a:b][rpos]  # original index of each sorted relevant item
+    M = _CELLS_PER_RELEVANT * R
+    lo, hi = rs[:, -1:], rs[:, :1]
+    span = hi - lo
+    scale = torch.where(span > 0, M / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(span))
+    # Cell 0: below every relevant key; cells 1..M+1 hold relevant keys; M+2: above all.
+    shift = 1.0 - lo * scale
+    top = M + 2
+    width = M + 3
+    rcell = _cells(rs, scale, shift, top)
+    row_off = torch.arange(C, device=dev)[:, None] * width
+    occ = torch.bincount((rcell + row_off).view(-1), minlength=C * width).view(C, width)
+    above = R - occ.cumsum(1)  # relevant keys in higher cells
+    # Sorted descending, so the largest relevant key of a cell sits at position above[cell].
+    first_val = torch.gather(rs, 1, above.clamp(max=R - 1))
+    first_val.masked_fill_(occ == 0, -torch.inf)
+    above_f, first_f, occ_f = above.view(-1), first_val.view(-1), occ.view(-1)
+
+    counts = torch.zeros(C * (R + 1), dtype=torch.long, device=dev)
+    count_off = torch.arange(C, device=dev)[:, None] * (R + 1)
+    amb_rows: list[torch.Tensor] = []
+    amb_cols: list[torch.Tensor] = []
+    amb_cell: list[torch.Tensor] = []
+    amb_prov: list[torch.Tensor] = []
+    for c0, c1 in ((0, a), (b, N)):  # the irrelevant columns
+        if c1 <= c0:
+            continue
+        s = keys[:, c0:c1]
+        cell = _cells(s, scale, shift, top).add_(row_off)
+        fv = first_f[cell]
+        gt = fv > s
+        p = above_f[cell].add_(gt)  # relevant keys above s, if the cell has no tie/second key
+        counts += torch.bincount(p.add_(count_off).view(-1), minlength=C * (R + 1))
+        # Exact treatment where the cell holds a tie, or more than one relevant key above s.
+        amb = (fv == s).logical_or_(gt.logical_and_(occ_f[cell] > 1))
+        if bool(amb.any()):
+            rr, cc = torch.nonzero(amb, as_tuple=True)
+            amb_rows.append(rr)
+            amb_cols.append(cc + c0)
+            amb_cell.append(cell[rr, cc])
+            amb_prov.append(p[rr, cc])
+    sort_rows = torch.zeros(C, dtype=torch.bool, device=dev)
+    if amb_rows:
+        rr, cc, cf, prov = (torch.cat(x) for x in (amb_rows, amb_cols, amb_cell, amb_prov))
+        counts.index_add_(0, prov, torch.full_like(prov, -1))  # undo the provisional counts
+        n_occ = occ_f[cf]
+        # Resolving an item costs one comparison per relevant key in its cell; rows where that
+        # adds up to more than a few passes over the row (huge tie blocks) are sorted instead.
+        work = torch.zeros(C, dtype=torch.long, device=dev).index_add_(0, rr, n_occ)
+        sort_rows = work > 4 * N
+        keep = ~sort_rows[rr]
+        rr, cc, cf, n_occ = rr[keep], cc[keep], cf[keep], n_occ[keep]
+        s = keys[rr, cc]
+        s_index = db_index[cc]
+        start = above_f[cf]
+        p = start.clone()
+        for t in range(int(n_occ.max()) if n_occ.numel() else 0):
+            j = (start + t).clamp_(max=R - 1)
+            r_val = rs[rr, j]
+            beats = (r_val > s) | ((r_val == s) & (r_index[rr, j] < s_index))
+            p += (beats & (n_occ > t)).long()
+        counts.index_add_(0, rr * (R + 1) + p, torch.ones_like(p))
+    counts = counts.view(C, R + 1)
+    # Irrelevant items with p < k relevant keys above them are above the k-th relevant item.
+    ranks = torch.arange(1, R + 1, device=dev)[None, :] + counts.cumsum(1)[:, :R]
+    if bool(sort_rows.any()):
+        idx = torch.nonzero(sort_rows)[:, 0]
+        rel_mask = torch.zeros(N, dtype=torch.bool, device=dev)
+        rel_mask[a:b] = True
+        order = torch.argsort(db_index)  # back to original database order for the stable sort
+        sub = keys[idx][:, order]
+        ranks[idx] = _ranks_by_sort(sub, rel_mask[order].expand(len(idx), N).contiguous())
+    return ranks
+
+
+def _count_at(ranks: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
+    """Number of relevant items within the top n, for each row of ranks and each n."""
+    return torch.searchsorted(ranks, ns.expand(ranks.shape[0], -1).contiguous(), right=True)
+
+
+def _standard(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    C, R = ranks.shape
+    dev = ranks.device
+    k = torch.arange(1, R + 1, device=dev, dtype=torch.float64)
+    prec = k / ranks.double()
+    env = prec.flip(1).cummax(1).values.flip(1)  # max precision at recall >= k/R
+
+    def interp(steps: int) -> torch.Tensor:
+        i = torch.arange(steps + 1, device=dev)
+        kmin = ((i * R + steps - 1) // steps).clamp_(min=1)  # smallest k with k/R >= i/steps
+        return env[:, kmin - 1]
+
+    ns = torch.tensor(list(ks), device=dev)
+    return {
+        "ap": prec.mean(1),
+        "ap11": interp(10).mean(1),
+        "pr": interp(_PR_STEPS),
+        "pk": _count_at(ranks, ns).double() / ns.double(),
+    }
+
+
+def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The authors' metric arithmetic (see module docstring); batch_rows: r of each query's batch."""
+    C, R = ranks.shape
+    dev = ranks.device
+    n = torch.arange(1, REFERENCE_BATCH + 1, device=dev)
+    raw = _count_at(ranks, n).double() / n.double()  # precision at ranks 1..128
+    inside = n[None, :] <= batch_rows[:, None]
+    pm = torch.where(inside, raw, torch.full_like(raw, -1.0)).flip(1).cummax(1).values.flip(1)
+    pm = torch.where(inside, pm, raw)  # partly monotone precision at ranks 1..128
+    rank1_irrelevant = ranks[:, 0] > 1
+
+    def at_levels(levels: np.ndarray) -> torch.Tensor:
+        lv = torch.tensor(levels, dtype=torch.float64, device=dev)  # exactly their float levels
+        base = torch.floor(lv * R).long()
+        cand = base[None, :, None] + torch.arange(-1, 3, device=dev)[None, None, :]  # (1, L, 4)
+        cand = cand.expand(C, -1, -1)
+        valid = (cand >= 1) & (cand <= R) | ((cand == 0) & rank1_irrelevant[:, None, None])
+        recall = cand.double() / float(R)
+        dist = torch.where(valid, (recall - lv[None, :, None]).abs(), torch.full_like(recall, torch.inf))
+        j = torch.gather(cand, 2, dist.argmin(2, keepdim=True)).squeeze(2)  # first rank closest
+        rank_j = torch.gather(ranks, 1, (j - 1).clamp(min=0))
+        idx = torch.where(j == 0, torch.zeros_like(j), rank_j - 1)  # 0-based rank index
+        in_table = idx < batch_rows[:, None]
+        from_table = torch.gather(pm, 1, idx.clamp(max=REFERENCE_BATCH - 1))
+        raw_at = j.double() / rank_j.double()
+        return torch.where(in_table, from_table, raw_at)
+
+    pk = []
+    for k in ks:
+        if k <= REFERENCE_BATCH:
+            pk.append(torch.where(k <= batch_rows, pm[:, k - 1], raw[:, k - 1]))
+        else:
+            pk.append(_count_at(ranks, torch.tensor([k], device=dev))[:, 0].double() / k)
+    return {
+        "ap11": at_levels(np.arange(0, 1.01, 0.1)).mean(1),
+        "pr": at_levels(np.arange(0, 1.01, 0.05)),
+        "pk": torch.stack(pk, 1),
+    }
+
+
+def _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size):
+    if metric not in METRICS:
+        raise UserError(f"unknown retrieval metric '{metric}'; use one of: {', '.join(METRICS)}")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown retrieval protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
+    if database.dim() != 2 or queries.dim() != 2 or database.shape[1] != queries.shape[1]:
+        raise UserError(
+            f"database and queries must be (N, D) with the same D, got {tuple(database.shape)} and "
+            f"{tuple(queries.shape)}; pass flattened embeddings"
+        )
+    if database_labels.numel() != database.shape[0] or query_labels.numel() != queries.shape[0]:
+        raise UserError("need one label per database item and per query; check the label tensors")
+    if database.shape[0] == 0 or queries.shape[0] == 0:
+        raise UserError("empty database or query set; retrieval needs both")
+    if not (torch.isfinite(database).all() and torch.isfinite(queries).all()):
+        raise UserError("features contain NaN or inf; the model diverged or the inputs are broken")
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 or k > database.shape[0] for k in ks):
+        raise UserError(f"every k in ks must be in 1..{database.shape[0]} (the database size), got {ks}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise UserError(f"chunk_size must be a positive number of queries, got {chunk_size}")
+    return ks
+
+
+def retrieval_metrics(
+    database: torch.Tensor,
+    database_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    metric: str = "cosine",
+    ks: Iterable[int] = (1, 10, 100),
+    protocol: str = "standard",
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Retrieval mAP, 11-point mAP, precision@k and PR curve (module docstring has the definitions).
+
+    ``database``/``queries`` are (N, D)/(Q, D) features, labels define relevance.
+    ``chunk_size`` queries are scored at a time (default: about 2M scores per chunk),
+    so memory is O(chunk_size * N). ``device`` runs the matmul and the ranking
+    there (default: the database's device). Returns plain Python numbers.
+    """
+    database = torch.as_tensor(database)
+    queries = torch.as_tensor(queries)
+    database_labels = torch.as_tensor(database_labels).reshape(-1)
+    query_labels = torch.as_tensor(query_labels).reshape(-1)
+    ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size)
+    dev = torch.device(device) if device is not None else database.device
+    N, Q = database.shape[0], queries.shape[0]
+
+    all_labels, codes = torch.unique(torch.cat([database_labels.cpu(), query_labels.cpu()]), return_inverse=True)
+    db_codes, q_codes = codes[:N], codes[N:]
+    class_size = torch.bincount(db_codes, minlength=len(all_labels))
+    missing = torch.unique(q_codes[class_size[q_codes] == 0])
+    if missing.numel():
+        raise UserError(
+            f"query label(s) {all_labels[missing].tolist()[:5]} have no database items, so AP is undefined; "
+            f"build the database from a split that contains every class"
+        )
+    # Database grouped by label (stable: original order inside a label) -> relevant items are a block.
+    db_order = torch.argsort(db_codes, stable=True)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), class_size.cumsum(0)])
+    db = database.to(dev, torch.float64)[db_order.to(dev)]
+    db_index = db_order.to(dev)
+    if metric == "cosine":
+        norm = db.norm(dim=1)
+        db_stat = torch.where(norm > 0, norm, torch.ones_like(norm))
+    else:
+        db_stat = -(db * db).sum(1)
+    q_all = queries.to(dev, torch.float64)
+    if chunk_size is None:
+        chunk_size = max(1, min(1024, (1 << 21) // N))
+
+    res: dict[str, torch.Tensor] = {
+        "ap": torch.empty(Q, dtype=torch.float64),
+        "ap11": torch.empty(Q, dtype=torch.float64),
+        "pr": torch.empty(Q, _PR_STEPS + 1, dtype=torch.float64),
+        "pk": torch.empty(Q, len(ks), dtype=torch.float64),
+    }
+    batch_rows_all = torch.clamp(Q - (torch.arange(Q) // REFERENCE_BATCH) * REFERENCE_BATCH, max=REFERENCE_BATCH)
+    for c in torch.unique(q_codes).tolist():
+        qi = torch.nonzero(q_codes == c)[:, 0]
+        a, b = int(bounds[c]), int(bounds[c + 1])
+        for s0 in range(0, len(qi), chunk_size):
+            idx = qi[s0 : s0 + chunk_size]
+            keys = _keys(q_all[idx.to(dev)], db, db_stat, metric)
+            ranks = _relevant_ranks(keys, a, b, db_index)
+            std = _standard(ranks, ks)
+            res["ap"][idx] = std["ap"].cpu()
+            if protocol == "standard":
+                part = std
+            else:
+                part = _reference(ranks, batch_rows_all[idx].to(dev), ks)
+            res["ap11"][idx] = part["ap11"].cpu()
+            res["pr"][idx] = part["pr"].cpu()
+            res["pk"][idx] = part["pk"].cpu()
+
+    if protocol == "standard":
+        recall_levels = [i / _PR_STEPS for i in range(_PR_STEPS + 1)]
+    else:
+        recall_levels = np.arange(0, 1.01, 0.05).tolist()
+    out: dict[str, Any] = {
+        "map": res["ap"].mean().item(),
+        "map11": res["ap11"].mean().item(),
+    }
+    for j, k in enumerate(ks):
+        out[f"p@{k}"] = res["pk"][:, j].mean().item()
+    out["pr_curve"] = {"recall": recall_levels, "precision": res["pr"].mean(0).tolist()}
+    out.update(num_queries=Q, metric=metric, protocol=protocol)
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    tap_specs: Mapping[str, str],
+    split: Split,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` (eval mode, no grad) over ``split`` in order.
+
+    Returns CPU tensors ``embedding`` (N, D) from ``tap_specs["embedding"]``,
+    ``logits`` (from ``tap_specs["logits"]`` if given, else the model output)
+    and ``labels``. Other taps in ``tap_specs`` are not recorded.
+    """
+    if "embedding" not in tap_specs:
+        raise UserError(
+            f"tap_specs has no 'embedding' entry (got {sorted(tap_specs)}); add e.g. embedding: 'fc:in'"
+        )
+    specs = {"embedding": tap_specs["embedding"], "logits": tap_specs.get("logits", OUTPUT)}
+    was_training = model.training
+    model.eval()
+    emb, logits, labels = [], [], []
+    try:
+        with Taps(model, specs) as taps:
+            for batch in split.batches(batch_size, shuffle=False, device=device):
+                _, feats = taps(batch.images)
+                emb.append(feats["embedding"].flatten(1).float().cpu())
+                logits.append(feats["logits"].float().cpu())
+                labels.append(batch.labels.cpu())
+    finally:
+        model.train(was_training)
+    if not emb:
+        raise UserError("the split yielded no batches; check the dataset")
+    return {"embedding": torch.cat(emb), "logits": torch.cat(logits), "labels": torch.cat(labels)}
+
+
+def evaluate_model(
+    model: nn.Module,
+    tap_specs: Mapping[str, str],
+    data: DataSplits,
+    device: torch.device | str = "cpu",
+    metrics: Sequence[str] = ("cosine", "euclidean"),
+    protocols: Sequence[str] = ("standard", "reference"),
+    ks: Sequence[int] = (1, 10, 100),
+) -> dict[str, Any]:
+    """Top-1 (and top-5) on the test split and retrieval (db = train_eval, queries = test).
+
+    Flat JSON-serialisable dict: ``top1``, ``retrieval/<metric>/<protocol>/<name>``
+    for ``map``, ``map11`` and ``p@k``, and ``pr_curves`` mapping
+    ``<metric>/<protocol>`` to ``{"recall": [...], "precision": [...]}``.
+    """
+    test = extract_features(model, tap_specs, data.test, device)
+    db = extract_features(model, tap_specs, data.train_eval, device)
+    out: dict[str, Any] = dict(classification_metrics(test["logits"], test["labels"]))
+    out["num_test"] = int(test["labels"].numel())
+    out["num_database"] = int(db["labels"].numel())
+    pr: dict[str, Any] = {}
+    ks = tuple(k for k in ks if k <= db["labels"].numel())
+    for metric in metrics:
+        for protocol in protocols:
+            r = retrieval_metrics(
+                db["embedding"], db["labels"], test["embedding"], test["labels"],
+                metric=metric, ks=ks, protocol=protocol, device=device,
+            )
+            prefix = f"retrieval/{metric}/{protocol}"
+            out[f"{prefix}/map"] = r["map"]
+            out[f"{prefix}/map11"] = r["map11"]
+            for k in ks:
+                out[f"{prefix}/p@{k}"] = r[f"p@{k}"]
+            pr[f"{metric}/{protocol}"] = r["pr_curve"]
+    out["pr_curves"] = pr
+    return out

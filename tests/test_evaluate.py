@@ -1,0 +1,355 @@
+"""Evaluation metrics against slow, obviously-correct float64 references written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from indistill.data.base import Batch, DataSplits, Split
+from indistill.errors import UserError
+from indistill.evaluate import (
+    classification_metrics,
+    evaluate_model,
+    extract_features,
+    retrieval_metrics,
+)
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_keys(db: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """Ranking keys, higher is better, by explicit loops (exact on integer-valued data)."""
+    db = db.astype(np.float64)
+    q = q.astype(np.float64)
+    keys = np.empty((len(q), len(db)))
+    for i in range(len(q)):
+        for j in range(len(db)):
+            if metric == "cosine":
+                dot = float(np.sum(q[i] * db[j]))
+                nrm = math.sqrt(float(np.sum(db[j] * db[j])))
+                keys[i, j] = dot / nrm if nrm > 0 else 0.0  # cosine * ||q||, constant per query
+            else:
+                keys[i, j] = -float(np.sum((q[i] - db[j]) ** 2))
+    return keys
+
+
+def ref_relevance_lists(keys, db_labels, q_labels):
+    """Relevance (0/1) along each query's full ranking; ties broken by database index."""
+    out = []
+    for i in range(len(q_labels)):
+        order = np.argsort(-keys[i], kind="stable")
+        out.append((db_labels[order] == q_labels[i]).astype(np.int64))
+    return out
+
+
+def ref_standard(rel_lists, ks):
+    aps, ap11s, curves, pks = [], [], [], []
+    for rel in rel_lists:
+        n_rel = rel.sum()
+        hits, precs, recalls, ap_terms = 0, [], [], []
+        for n, r in enumerate(rel, start=1):
+            hits += r
+            precs.append(hits / n)
+            recalls.append(hits / n_rel)
+            if r:
+                ap_terms.append(hits / n)
+        aps.append(sum(ap_terms) / n_rel)
+
+        def interp(level):
+            return max(p for p, rc in zip(precs, recalls) if rc >= level - 1e-12)
+
+        ap11s.append(np.mean([interp(i / 10) for i in range(11)]))
+        curves.append([interp(i / 20) for i in range(21)])
+        pks.append([sum(rel[:k]) / k for k in ks])
+    return {
+        "map": float(np.mean(aps)),
+        "map11": float(np.mean(ap11s)),
+        "pr": np.mean(curves, axis=0),
+        "pk": np.mean(pks, axis=0),
+    }
+
+
+def ref_authors(rel_lists, db_labels, q_labels, ks, batch=128):
+    """The authors' loop, re-implemented from its description: batches of 128 queries,
+    'monotone' pass over range(rows - 1) columns, level matched by argmin |recall - level|."""
+    counts = {c: int((db_labels == c).sum()) for c in np.unique(db_labels)}
+    n_db = len(db_labels)
+    levels, fine = np.arange(0, 1.01, 0.1), np.arange(0, 1.01, 0.05)
+    ap_all, fine_all, prec_all = [], [], []
+    for b0 in range(0, len(rel_lists), batch):
+        rel = np.array(rel_lists[b0 : b0 + batch])
+        tg = q_labels[b0 : b0 + batch]
+        prec = np.cumsum(rel, axis=1) / np.arange(1, n_db + 1)
+        for col in range(rel.shape[0] - 2, -1, -1):
+            prec[:, col] = np.maximum(prec[:, col], prec[:, col + 1])
+        recall = np.cumsum(rel, axis=1) / np.array([counts[t] for t in tg], dtype=np.float64)[:, None]
+        for row in range(rel.shape[0]):
+            at = [prec[row, np.argmin(np.abs(recall[row] - lv))] for lv in levels]
+            ap_all.append(np.mean(at))
+            fine_all.append([prec[row, np.argmin(np.abs(recall[row] - lv))] for lv in fine])
+            prec_all.append(prec[row, [k - 1 for k in ks]])
+    return {"map11": float(np.mean(ap_all)), "pr": np.mean(fine_all, 0), "pk": np.mean(prec_all, 0)}
+
+
+def check_against_ref(db, dbl, q, ql, metric, ks, chunk_size=None):
+    keys = ref_keys(db, q, metric)
+    rel = ref_relevance_lists(keys, dbl, ql)
+    std = ref_standard(rel, ks)
+    auth = ref_authors(rel, dbl, ql, ks)
+    out_s = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql),
+                              metric=metric, ks=ks, chunk_size=chunk_size)
+    out_r = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql),
+                              metric=metric, ks=ks, chunk_size=chunk_size, protocol="reference")
+    # Same ranking, same arithmetic up to summation order: equal to ~1 ulp.
+    tol = dict(rel=1e-12, abs=1e-12)
+    assert out_s["map"] == pytest.approx(std["map"], **tol)
+    assert out_s["map11"] == pytest.approx(std["map11"], **tol)
+    assert out_s["pr_curve"]["precision"] == pytest.approx(list(std["pr"]), **tol)
+    for j, k in enumerate(ks):
+        assert out_s[f"p@{k}"] == pytest.approx(std["pk"][j], **tol)
+    assert out_r["map"] == pytest.approx(std["map"], **tol)
+    assert out_r["map11"] == pytest.approx(auth["map11"], **tol)
+    assert out_r["pr_curve"]["precision"] == pytest.approx(list(auth["pr"]), **tol)
+    for j, k in enumerate(ks):
+        assert out_r[f"p@{k}"] == pytest.approx(auth["pk"][j], **tol)
+    return out_s, out_r, std, auth
+
+
+# ----------------------------------------------------------------------------- hand example
+
+
+def test_hand_computed_tiny_example():
+    # Database on a line (1-d features, euclidean): positions 0..5, labels a a b a b b.
+    db = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]])
+    dbl = np.array([0, 0, 1, 0, 1, 1])
+    # q0 at 0.9, label a: ranking by distance 1(.1) 0(.9) 2(1.1) 3(2.1) 4 5 -> a a b a b b
+    #   relevant at ranks 1,2,4: AP = (1/1 + 2/2 + 3/4)/3 = 2.75/3
+    #   envelope: recall 1/3 at p=1, 2/3 at p=1, 1 at p=.75 -> levels 0..0.6 -> 1 (7 levels),
+    #   0.7..1 -> 0.75 (4 levels): AP11 = (7 + 3)/11 = 10/11
+    #   P@1 = 1, P@2 = 1, P@3 = 2/3
+    # q1 at 4.4, label a: ranking 4(.4) 5(.6) 3(1.4) 2 1 0 -> b b a b a a
+    #   relevant at ranks 3,5,6: AP = (1/3 + 2/5 + 3/6)/3 = (1.2333..)/3
+    #   envelope: levels 0..0.3 -> max(1/3, 2/5, 1/2) = 0.5 (4 levels); 0.4..0.6 -> max(2/5, 1/2)
+    #   = 0.5 (3); 0.7..1 -> 0.5 (4): AP11 = 0.5.  P@1 = 0, P@2 = 0, P@3 = 1/3
+    # q2 at 2.0, label b: distances 2(0) 1,3 tie (1) 0,4 tie (2) 5(3): ties by index:
+    #   2 1 3 0 4 5 -> b a a a b b: relevant at ranks 1,5,6: AP = (1 + 2/5 + 3/6)/3 = 1.9/3
+    #   envelope: levels 0..0.3 -> 1 (4 levels); 0.4..1 -> max(2/5, 1/2) = 0.5 (7): AP11 = 7.5/11
+    #   P@1 = 1, P@2 = 1/2, P@3 = 1/3
+    q = np.array([[0.9], [4.4], [2.0]])
+    ql = np.array([0, 0, 1])
+    out = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql),
+                            metric="euclidean", ks=(1, 2, 3))
+    assert out["map"] == pytest.approx((2.75 / 3 + (1 / 3 + 2 / 5 + 1 / 2) / 3 + 1.9 / 3) / 3, abs=1e-12)
+    assert out["map11"] == pytest.approx((10 / 11 + 0.5 + 7.5 / 11) / 3, abs=1e-12)
+    assert out["p@1"] == pytest.approx(2 / 3)
+    assert out["p@2"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert out["p@3"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert out["num_queries"] == 3 and out["metric"] == "euclidean" and out["protocol"] == "standard"
+    # Reference protocol, one batch of r = 3 queries: precision made monotone over ranks 1..3 only.
+    # q0 precisions 1, 1, 2/3, 3/4, 3/5, 1/2 -> monotone part ranks 1..3: 1, 1, 2/3 (rest raw).
+    #   recall 1/3, 2/3, 2/3, 1, 1, 1. Level 0 -> closest recall 1/3 (first rank) -> 1;
+    #   0.1, 0.2, 0.3, 0.4 -> 1/3 -> rank 1 -> 1; 0.5 (|2/3-.5| < |1/3-.5|) ... 0.8 -> 2/3 -> rank 2 -> 1;
+    #   0.9, 1.0 -> recall 1 at rank 4 (raw 3/4). AP = (9*1 + 2*0.75)/11 = 10.5/11.
+    # q1 precisions 0, 0, 1/3, 1/4, 2/5, 1/2 -> monotone over ranks 1..3: 1/3, 1/3, 1/3.
+    #   recall 0, 0, 1/3, 1/3, 2/3, 1. Level 0 -> rank 1 -> 1/3; 0.1 (closer to 0) -> rank 1 -> 1/3;
+    #   0.2..0.4 -> 1/3 at rank 3 -> 1/3 (0.2 closer to 1/3 than to 0: .133 < .2);
+    #   0.5 -> tie between 1/3 and 2/3 broken in floats; 0.6, 0.7, 0.8 -> 2/3 at rank 5 -> raw 2/5;
+    #   0.9, 1 -> rank 6 -> 1/2.
+    q1_levels = np.arange(0, 1.01, 0.1)
+    rec = np.array([0, 0, 1 / 3, 1 / 3, 2 / 3, 1.0])
+    pm = np.array([1 / 3, 1 / 3, 1 / 3, 1 / 4, 2 / 5, 1 / 2])
+    q1_ap = np.mean([pm[np.argmin(np.abs(rec - lv))] for lv in q1_levels])  # only to settle 0.5
+    assert q1_ap == pytest.approx((5 * (1 / 3) + (1 / 3 if abs(1 / 3 - 0.5) <= abs(2 / 3 - 0.5) else 0.4)
+                                   + 3 * 0.4 + 2 * 0.5) / 11)
+    # q2 precisions 1, 1/2, 1/3, 1/4, 2/5, 1/2 -> monotone ranks 1..3: 1, 1/2, 1/3.
+    #   recall 1/3 (ranks 1-4), 2/3 (5), 1 (6): levels 0..0.4 -> rank 1 -> 1 (5 levels);
+    #   0.5 tie again; 0.6..0.8 -> rank 5 -> 2/5; 0.9, 1 -> rank 6 -> 1/2.
+    q2_ap = (5 * 1 + (1 if abs(1 / 3 - 0.5) <= abs(2 / 3 - 0.5) else 0.4) + 3 * 0.4 + 2 * 0.5) / 11
+    ref = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql),
+                            metric="euclidean", ks=(1, 2, 3), protocol="reference")
+    assert ref["map11"] == pytest.approx((10.5 / 11 + q1_ap + q2_ap) / 3, abs=1e-12)
+    # Reference P@k = partly monotone precision at rank k: q0 1,1,2/3; q1 1/3,1/3,1/3; q2 1,1/2,1/3.
+    assert ref["p@1"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert ref["p@2"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert ref["p@3"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert ref["map"] == out["map"]
+
+
+# ----------------------------------------------------------------------------- golden, random
+
+
+def _integer_data(seed, n_db, n_q, dim, classes, lo=-2, hi=3):
+    rng = np.random.default_rng(seed)
+    db = rng.integers(lo, hi, size=(n_db, dim)).astype(np.float32)
+    q = rng.integers(lo, hi, size=(n_q, dim)).astype(np.float32)
+    db[:5] = db[5:10]  # exact duplicates: ties for every query
+    db[10] = 0.0  # a zero vector (cosine key 0)
+    dbl = rng.integers(0, classes, n_db)
+    ql = rng.integers(0, classes, n_q)
+    return db, dbl, q, ql
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_golden_integer_features_with_ties(metric, chunk_size):
+    db, dbl, q, ql = _integer_data(1, 90, 23, 3, 4)
+    check_against_ref(db, dbl, q, ql, metric, ks=(1, 5, 30), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_golden_continuous_features(metric):
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(5, 8))
+    dbl = rng.integers(0, 5, 300)
+    ql = rng.integers(0, 5, 40)
+    db = (centers[dbl] + rng.normal(size=(300, 8))).astype(np.float32)
+    q = (centers[ql] + rng.normal(size=(40, 8))).astype(np.float32)
+    check_against_ref(db, dbl, q, ql, metric, ks=(1, 10, 100), chunk_size=16)
+
+
+def test_golden_heavy_ties_take_the_sort_fallback():
+    # Binary 2-d features: only 4 distinct vectors, so every cell is one huge tie block.
+    rng = np.random.default_rng(3)
+    db = rng.integers(0, 2, size=(200, 2)).astype(np.float32)
+    q = rng.integers(0, 2, size=(9, 2)).astype(np.float32)
+    dbl, ql = rng.integers(0, 3, 200), rng.integers(0, 3, 9)
+    for metric in ("cosine", "euclidean"):
+        check_against_ref(db, dbl, q, ql, metric, ks=(1, 50))
+
+
+def test_reference_protocol_two_batches_partly_monotone_bug_matters():
+    # 150 queries -> batches of 128 and 22: the monotone pass covers ranks 1..128, then 1..22.
+    db, dbl, q, ql = _integer_data(4, 400, 150, 4, 3, lo=-3, hi=4)
+    out_s, out_r, std, auth = check_against_ref(db, dbl, q, ql, "cosine", ks=(1, 10, 100, 200))
+    assert out_r["map11"] != pytest.approx(out_s["map11"], abs=1e-6)
+    assert out_r["p@1"] > out_s["p@1"]  # running max from the right lifts rank-1 precision
+    assert out_r["p@200"] == pytest.approx(out_s["p@200"], abs=1e-12)  # beyond rank 128: raw
+
+
+def test_labels_need_not_be_contiguous_and_order_is_irrelevant():
+    rng = np.random.default_rng(5)
+    db = rng.normal(size=(120, 6)).astype(np.float32)
+    q = rng.normal(size=(30, 6)).astype(np.float32)
+    dbl = rng.choice([-4, 7, 100], 120)
+    ql = rng.choice([-4, 7, 100], 30)
+    out = check_against_ref(db, dbl, q, ql, "euclidean", ks=(3,))[0]
+    perm = rng.permutation(30)
+    again = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q[perm]), torch.tensor(ql[perm]),
+                              metric="euclidean", ks=(3,))
+    assert again["map"] == pytest.approx(out["map"], abs=1e-12)
+
+
+def test_bad_inputs_raise_user_errors():
+    db, dbl = torch.randn(10, 3), torch.arange(10) % 2
+    q, ql = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(UserError, match="unknown retrieval metric"):
+        retrieval_metrics(db, dbl, q, ql, metric="cosin")
+    with pytest.raises(UserError, match="protocol"):
+        retrieval_metrics(db, dbl, q, ql, protocol="paper")
+    with pytest.raises(UserError, match="database size"):
+        retrieval_metrics(db, dbl, q, ql, ks=(11,))
+    with pytest.raises(UserError, match="no database items"):
+        retrieval_metrics(db, dbl, q, torch.tensor([0, 1, 2, 1]), ks=(1,))
+    with pytest.raises(UserError, match="same D"):
+        retrieval_metrics(db, dbl, torch.randn(4, 2), ql, ks=(1,))
+    with pytest.raises(UserError, match="NaN"):
+        retrieval_metrics(db, dbl, q.masked_fill(q > 0, float("nan")), ql, ks=(1,))
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def test_classification_top1_top5_golden():
+    logits = torch.tensor(
+        [
+            [0.0, 5, 4, 3, 2, 1, 0, 0, 0, 0, 0, 0],  # label 1: top-1 hit
+            [9.0, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0, 0],  # label 4: 5th -> top-5 hit only
+            [9.0, 8, 7, 6, 5, 4, 3, 2, 1, 0, 0, 0],  # label 5: 6th -> miss
+            [0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3],  # label 11: hit
+        ]
+    )
+    out = classification_metrics(logits, torch.tensor([1, 4, 5, 11]))
+    assert out == {"top1": 50.0, "top5": 75.0}
+    out10 = classification_metrics(logits[:, :10], torch.tensor([1, 4, 5, 0]))
+    assert out10 == {"top1": 25.0}  # 10 classes: no top-5
+    with pytest.raises(UserError):
+        classification_metrics(logits, torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _TensorSplit(Split):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    @property
+    def labels(self):
+        return self.y
+
+    def batches(self, batch_size, *, shuffle=False, seed=0, epoch=0, device="cpu", drop_last=False):
+        assert not shuffle
+        for i in range(0, len(self.y), batch_size):
+            sl = slice(i, i + batch_size)
+            yield Batch(self.x[sl].to(device), self.y[sl].to(device), torch.arange(len(self.y))[sl])
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def _toy_data():
+    g = torch.Generator().manual_seed(0)
+    y_tr = torch.arange(60) % 3
+    y_te = torch.arange(21) % 3
+    x_tr = torch.randn(60, 1, 2, 2, generator=g) + y_tr.view(-1, 1, 1, 1)
+    x_te = torch.randn(21, 1, 2, 2, generator=g) + y_te.view(-1, 1, 1, 1)
+    tr = _TensorSplit(x_tr, y_tr)
+    return DataSplits("toy", 3, 1, 2, tr, tr, _TensorSplit(x_te, y_te))
+
+
+def test_extract_features_matches_manual_forward_and_restores_mode():
+    torch.manual_seed(0)
+    model = _Tiny().train()
+    data = _toy_data()
+    feats = extract_features(model, {"embedding": "fc:in", "stage": "body.1"}, data.test, batch_size=8)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        emb = model.body(data.test.x)
+        logits = model.fc(emb)
+    assert torch.allclose(feats["embedding"], emb) and torch.allclose(feats["logits"], logits)
+    assert torch.equal(feats["labels"], data.test.y)
+    assert set(feats) == {"embedding", "logits", "labels"}
+    with pytest.raises(UserError, match="embedding"):
+        extract_features(model, {"stage": "body.1"}, data.test)
+
+
+def test_evaluate_model_is_flat_json_and_consistent():
+    import json
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    data = _toy_data()
+    out = evaluate_model(model, {"embedding": "fc:in"}, data, ks=(1, 10, 100))
+    json.dumps(out)
+    assert "retrieval/cosine/standard/map" in out and "retrieval/euclidean/reference/map11" in out
+    assert "retrieval/cosine/standard/p@100" not in out  # k larger than the database is dropped
+    assert set(out["pr_curves"]) == {"cosine/standard", "cosine/reference", "euclidean/standard",
+                                     "euclidean/reference"}
+    f_db = extract_features(model, {"embedding": "fc:in"}, data.train_eval)
+    f_q = extract_features(model, {"embedding": "fc:in"}, data.test)
+    direct = retrieval_metrics(f_db["embedding"], f_db["labels"], f_q["embedding"], f_q["labels"], ks=(10,))
+    assert out["retrieval/cosine/standard/p@10"] == direct["p@10"]
+    top1 = 100.0 * (f_q["logits"].argmax(1) == f_q["labels"]).double().mean().item()
+    assert out["top1"] == pytest.approx(top1)
