@@ -149,7 +149,7 @@ class Pipeline:
             from .evaluate import classification_metrics, extract_features
 
             feats = extract_features(
-                model, {"logits": OUTPUT}, self.data.test, device=self.device, batch_size=self.cfg.data.eval_batch_size
+                model, model_taps(model), self.data.test, device=self.device, batch_size=self.cfg.data.eval_batch_size
             )
             m = classification_metrics(feats["logits"], feats["labels"])
             return {f"test_{k}": float(v) for k, v in m.items()}
@@ -343,7 +343,7 @@ class Pipeline:
             self.log.info(f"[evaluate] {t.name}")
             res = evaluate_model(
                 t.model, model_taps(t.model), self.data, device=self.device, metrics=tuple(e.metrics),
-                protocols=tuple(e.protocols), ks=tuple(e.ks), batch_size=self.cfg.data.eval_batch_size,
+                protocols=tuple(e.protocols), ks=tuple(e.ks),
             )
             res.update({"role": t.role, "model": getattr(t.model, "indistill_name", type(t.model).__name__),
                         "params": count_params(t.model)})

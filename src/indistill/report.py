@@ -26,8 +26,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def retrieval(res: dict[str, Any], protocol: str, metric: str) -> dict[str, Any] | None:
-    """The retrieval block of one model's results for (protocol, metric), or None if not evaluated."""
-    return res.get("retrieval", {}).get(protocol, {}).get(metric)
+    """One model's retrieval metrics for (protocol, metric) from ``evaluate_model``'s flat keys, or None."""
+    prefix = f"retrieval/{metric}/{protocol}/"
+    block: dict[str, Any] = {k[len(prefix):]: v for k, v in res.items() if k.startswith(prefix)}
+    if not block:
+        return None
+    pr = res.get("pr_curves", {}).get(f"{metric}/{protocol}")
+    if pr:
+        block["pr_curve"] = pr
+    return block
+
+
+def protocols_in(models: dict[str, Any]) -> list[str]:
+    found = {k.split("/")[2] for r in models.values() for k in r if k.startswith("retrieval/")}
+    return sorted(found, key=lambda p: (p != "standard", p))
 
 
 def _pct(x: float | None) -> str:
@@ -127,7 +139,7 @@ def write_report(
     (run_dir / "results.json").write_text(json.dumps(out, indent=1))
     pr = plot_pr_curves(models, plots / "pr_curves.png")
     train_plots = plot_training(run_dir / "metrics.jsonl", plots)
-    protocols = sorted({p for r in models.values() for p in r.get("retrieval", {})}, key=lambda p: p != "standard")
+    protocols = protocols_in(models)
     md = [f"# Results: {run_dir.name}", ""]
     if command:
         md += [f"Command: `{command}`", ""]
