@@ -186,7 +186,8 @@ def _relevant_ranks(
     # Sorted descending, so the largest relevant key of a cell sits at position above[cell].
     first_val = torch.gather(rs, 1, above.clamp(max=R - 1))
     first_val.masked_fill_(occ == 0, -torch.inf)
-    above_f, first_f, occ_f = above.view(-1), first_val.view(-1), occ.view(-1)
+    above_f, occ_f = above.view(-1), occ.view(-1)
+    multi = occ > 1
 
     counts = torch.zeros(C * (R + 1), dtype=torch.long, device=dev)
     count_off = torch.arange(C, device=dev)[:, None] * (R + 1)
@@ -199,12 +200,12 @@ def _relevant_ranks(
             continue
         s = keys[:, c0:c1]
         cell = _cells(s, scale, shift, top).add_(row_off)
-        fv = first_f[cell]
+        fv = torch.take(first_val, cell)
         gt = fv > s
-        p = above_f[cell].add_(gt)  # relevant keys above s, if the cell has no tie/second key
+        p = torch.take(above, cell).add_(gt)  # relevant keys above s, if the cell has no tie/second key
         counts += torch.bincount(p.add_(count_off).view(-1), minlength=C * (R + 1))
         # Exact treatment where the cell holds a tie, or more than one relevant key above s.
-        amb = (fv == s).logical_or_(gt.logical_and_(occ_f[cell] > 1))
+        amb = (fv == s).logical_or_(gt.logical_and_(torch.take(multi, cell)))
         if bool(amb.any()):
             rr, cc = torch.nonzero(amb, as_tuple=True)
             amb_rows.append(rr)
