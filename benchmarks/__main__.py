@@ -1,0 +1,50 @@
+"""``python -m benchmarks [--quick] [--full] [--only NAME ...]``: run benchmarks, write JSON, regenerate the README."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from .common import README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
+
+BENCHMARKS = ("throughput", "memory", "end_to_end", "retrieval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller case matrix and fewer batches")
+    ap.add_argument("--full", action="store_true", help="end_to_end also runs configs/fashion_mnist.yaml")
+    ap.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    ap.add_argument("--readme-only", action="store_true", help="only regenerate README.md from the JSON files")
+    args = ap.parse_args(argv)
+    if not args.readme_only:
+        for name in args.only or BENCHMARKS:
+            try:
+                mod = importlib.import_module(f"benchmarks.{name}")
+            except ImportError as e:
+                print(f"{name}: skipped ({e})", flush=True)
+                continue
+            print(f"{name}:", flush=True)
+            before, t0 = load_average(), time.perf_counter()
+            payload = mod.run(args.quick, args.full) if name == "end_to_end" else mod.run(args.quick)
+            payload = dict(payload) if isinstance(payload, dict) else {"result": payload}
+            payload.update({
+                "benchmark": name, "quick": args.quick, "machine": machine_info(), "load_before": before,
+                "load_after": load_average(), "wall_s": time.perf_counter() - t0,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+            })
+            if name == "retrieval":
+                # benchmarks/retrieval.py writes its own retrieval[_quick].json; it is not ours to overwrite.
+                print(f"  -> retrieval wrote its own JSON ({payload['wall_s']:.0f} s)", flush=True)
+                continue
+            print(f"  -> {write_result(name, payload)} ({payload['wall_s']:.0f} s)", flush=True)
+    README.write_text(render_readme(RESULTS_DIR))
+    print(f"wrote {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
