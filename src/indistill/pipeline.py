@@ -167,6 +167,7 @@ class Pipeline:
 
     def teacher(self) -> Trained:
         spec = self.cfg.teacher
+        torch.manual_seed(self.cfg.seed)
         model = build_model(spec, self.data).to(self.device)
         if spec.checkpoint:
             load_weights(model, spec.checkpoint)
@@ -180,6 +181,7 @@ class Pipeline:
         from .methods import pkt_loss
 
         spec = self.cfg.auxiliary
+        torch.manual_seed(self.cfg.seed)
         aux = build_model(spec, self.data).to(self.device)
         if spec.checkpoint:
             load_weights(aux, spec.checkpoint)
@@ -257,8 +259,6 @@ class Pipeline:
 
     def kd(self, arm: ArmSpec, teacher: nn.Module, student: nn.Module, epochs: int) -> None:
         """Stage 2: the baseline KD method (or cross-entropy alone for ``method: ce``)."""
-        from .methods import MethodContext, create_method
-
         train = TrainSpec(
             epochs=epochs, optimizer=self.cfg.kd.train.optimizer, scheduler=self.cfg.kd.train.scheduler,
             eval_every=self.cfg.kd.train.eval_every,
@@ -267,26 +267,7 @@ class Pipeline:
         if arm.method == "ce":
             self.supervised(name, student, train)
             return
-        pairs = default_pairs(teacher, student, self.cfg.warmup.pairs)
-        t_specs = model_taps(teacher)
-        t_want = {s: t_specs[t] for t, s in pairs.items()}
-        t_want.update({"embedding": t_specs["embedding"], "logits": t_specs["logits"]})
-        s_specs = model_taps(student)
-        s_want = {s: s_specs[s] for s in pairs.values()}
-        s_want.update({"embedding": s_specs["embedding"], "logits": s_specs["logits"]})
-        from .models import tap_shapes
-
-        ctx = MethodContext(
-            student_shapes=tap_shapes(student, s_want, self.input_shape),
-            teacher_shapes=tap_shapes(teacher, t_want, self.input_shape),
-            num_classes=self.data.num_classes,
-            num_samples=len(self.data.train),
-            stage_taps=[s for s in stage_taps(student) if s in pairs.values()],
-            epochs=epochs,
-        )
-        params = dict(self.cfg.kd.params) if arm.method == self.cfg.kd.method else {}
-        params.update(arm.params)
-        method = create_method(arm.method, ctx, params)
+        method, t_want, s_want = self._method(arm, teacher, student, epochs)
         t_taps, s_taps = Taps(teacher, t_want), Taps(student, s_want)
 
         def loss_fn(batch, epoch):
@@ -301,6 +282,60 @@ class Pipeline:
         finally:
             t_taps.remove()
             s_taps.remove()
+
+    def _method(self, arm: ArmSpec, teacher: nn.Module, student: nn.Module, epochs: int):
+        """Build the arm's KD method and the teacher/student tap specs it reads."""
+        from .methods import MethodContext, create_method
+        from .models import tap_shapes
+
+        pairs = default_pairs(teacher, student, self.cfg.warmup.pairs)
+        t_specs, s_specs = model_taps(teacher), model_taps(student)
+        t_want = {s: t_specs[t] for t, s in pairs.items()}
+        s_want = {s: s_specs[s] for s in pairs.values()}
+        for k in ("embedding", "logits"):
+            t_want[k], s_want[k] = t_specs[k], s_specs[k]
+        ctx = MethodContext(
+            student_shapes=tap_shapes(student, s_want, self.input_shape),
+            teacher_shapes=tap_shapes(teacher, t_want, self.input_shape),
+            num_classes=self.data.num_classes,
+            num_samples=len(self.data.train),
+            stage_taps=[s for s in stage_taps(student) if s in pairs.values()],
+            epochs=epochs,
+        )
+        params = dict(self.cfg.kd.params) if arm.method == self.cfg.kd.method else {}
+        params.update(arm.params)
+        return create_method(arm.method, ctx, params).to(self.device), t_want, s_want
+
+    def validate(self) -> None:
+        """Check taps, widths, schedules and methods on untrained models before any training starts."""
+        from .models import tap_shapes
+        from .prune import prune_to_student
+
+        with torch.random.fork_rng(devices=[]):
+            models = {"teacher": build_model(self.cfg.teacher, self.data), "student": build_model(self.cfg.student, self.data)}
+            if self.cfg.auxiliary.enabled:
+                models["auxiliary"] = build_model(self.cfg.auxiliary, self.data)
+            for role, m in models.items():
+                try:
+                    tap_shapes(m, model_taps(m), self.input_shape)
+                except UserError as e:
+                    raise UserError(f"{role} taps: {e}") from None
+            source = models.get("auxiliary", models["teacher"])
+            arms = self.arms()
+            if self.cfg.kd.method != "ce" and self.cfg.kd.method not in {a.method for a in arms}:
+                arms.append(ArmSpec(name="kd", warmup="none", method=self.cfg.kd.method))  # kd.params are checked too
+            for arm in arms:
+                if arm.warmup == "indistill":
+                    pairs = default_pairs(source, models["student"], self.cfg.warmup.pairs)
+                    schedule = self.schedule(models["student"], pairs)
+                    used = {p.tap for p in schedule}
+                    prune_to_student(
+                        source, models["student"], {t: s for t, s in pairs.items() if s in used},
+                        importance=self.cfg.warmup.importance, producers=self.cfg.warmup.producers or None,
+                        input_shape=self.input_shape, resize=self.cfg.warmup.resize,
+                    )
+                if arm.method != "ce":
+                    self._method(arm, source, models["student"], 1)
 
     def arms(self) -> list[ArmSpec]:
         if self.cfg.arms:
@@ -356,6 +391,7 @@ class Pipeline:
         from .report import write_report
 
         t0 = time.perf_counter()
+        self.validate()
         teacher = self.teacher()
         trained = [teacher]
         source = teacher

@@ -1,0 +1,142 @@
+"""End-to-end CLI tests on real (embedded) digits data, and the one-line error contract."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from indistill.cli import main
+from indistill.models import create_model
+
+from .conftest import require_fashion_mnist
+
+FAST_RUN = [
+    "teacher.train.epochs=3", "warmup.a=0", "warmup.epochs=7", "kd.train.epochs=2", "data.train_subset=400",
+    "data.test_subset=200", "progress=false", "device=cpu",
+]
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_pipeline_writes_everything_and_resumes(tmp_path, capsys):
+    args = ["run", "configs/demo_digits.yaml", f"out_dir={tmp_path}", *FAST_RUN]
+    code, out, _ = _run(args, capsys)
+    assert code == 0
+    run = tmp_path / "demo_digits"
+    res = json.loads((run / "results.json").read_text())
+    assert set(res["models"]) == {"teacher", "student_ce", "student_pkt", "student_indistill_pkt"}
+    for name, r in res["models"].items():
+        assert 0 <= r["top1"] <= 100
+        for metric in ("cosine", "euclidean"):
+            for proto in ("standard", "reference"):
+                assert 0 < r[f"retrieval/{metric}/{proto}/map"] <= 1
+    assert res["models"]["teacher"]["top1"] > 50  # 3 epochs on 400 digits already learn something
+    assert "| student_indistill_pkt |" in out and (run / "results.md").is_file()
+    assert (run / "plots" / "pr_curves.png").is_file()
+    assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
+    # the curriculum ran its phases in order, one loss per epoch, with the right lengths
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if r["stage"] == "student_indistill_pkt.warmup"]
+    assert [r["phase"] for r in warm] == ["stage1:mse"] + ["stage2:mse"] * 2 + ["stage3:mse"] * 3 + ["embedding:pkt"]
+    for r in warm:
+        terms = [k for k in r if k.startswith("loss/")]
+        assert terms == [f"loss/{'mse' if 'mse' in r['phase'] else 'pkt'}/{r['phase'].split(':')[0]}"]
+    # equal budget: the arms without warmup train warmup.epochs more KD epochs
+    assert sum(r["stage"] == "student_pkt.kd" for r in rows) == 7 + 2
+    assert sum(r["stage"] == "student_indistill_pkt.kd" for r in rows) == 2
+    # exported students load back into the zoo model
+    from safetensors.torch import load_file
+
+    student = create_model("cnn32_small", 10, 1)
+    student.load_state_dict(load_file(str(run / "export" / "student_indistill_pkt.safetensors")))
+    prune = json.loads((run / "prune_student_indistill_pkt.json").read_text())
+    assert [len(v) for v in prune["kept"].values()] == [8, 16, 32]
+    # re-running the same command trains nothing again
+    n = len(rows)
+    code, _, _ = _run(args, capsys)
+    assert code == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == n
+    # a different config in the same run directory is refused, nothing is overwritten
+    before = (run / "config.yaml").read_text()
+    code, _, err = _run([*args, "kd.method=dkd"], capsys)
+    assert code == 2 and "different config" in err
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_train_digits_then_evaluate(tmp_path, capsys):
+    code, out, _ = _run(["train", "model.name=cnn32_small", "data.name=digits", "train.epochs=10",
+                         f"out_dir={tmp_path}", "name=t", "progress=false", "evaluate.protocols=[standard]"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["models"]["model"]["top1"] >= 90.0
+    ckpt = tmp_path / "t" / "checkpoints" / "model.pt"
+    code, out, _ = _run(["evaluate", str(ckpt), "model.name=cnn32_small", "data.name=digits",
+                         f"out_dir={tmp_path}", "name=e", "evaluate.protocols=[standard]"], capsys)
+    assert code == 0
+    ev = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert ev["models"]["model"]["top1"] == pytest.approx(res["models"]["model"]["top1"])
+
+
+@pytest.mark.realdata
+def test_train_fashion_mnist_subset(tmp_path, capsys):
+    require_fashion_mnist()
+    code, _, _ = _run(["train", "model.name=cnn32_small", "data.name=fashion_mnist", "data.train_subset=6000",
+                       "data.test_subset=1000", "train.epochs=2", f"out_dir={tmp_path}", "name=f",
+                       "progress=false", "evaluate.protocols=[standard]"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert res["models"]["model"]["top1"] > 70.0
+    assert res["models"]["model"]["num_database"] == 6000
+
+
+def test_prune_and_listing_commands(tmp_path, capsys):
+    code, out, _ = _run(["prune", "teacher.name=cnn32", "student.name=cnn32_small", f"out_dir={tmp_path}"], capsys)
+    assert code == 0 and "kept[stage3]" in out
+    kept = json.loads((tmp_path / "run" / "prune.json").read_text())["kept"]
+    assert {k: len(v) for k, v in kept.items()} == {"stage1": 8, "stage2": 16, "stage3": 32}
+    code, out, _ = _run(["methods"], capsys)
+    for m in ("kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "vid", "crd", "dkd"):
+        assert any(line.startswith(m + " ") for line in out.splitlines()), m
+    code, out, _ = _run(["layers", "resnet20"], capsys)
+    assert "layer3.2.conv2" in out and "embedding: fc:in" in out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["run", "configs/demo_digits.yaml", "kd.metod=dkd"], ["metod", "method"]),
+        (["prune", "teacher.name=cnn32_small", "student.name=cnn32"], ["narrower", "stage1", "(16, 15, 15)"]),
+        (["run", "teacher.taps={stage1: block9}"], ["block9", "block1"]),
+        (["train", "data.name=cifar10", "data.root=/nonexistent"], ["cifar", "download"]),
+        (["train", "model.name=resnet21"], ["resnet21", "resnet20"]),
+        (["run", "configs/demo_digits.yaml", "kd.method=dkdd"], ["dkdd", "dkd"]),
+        (["run", "configs/demo_digits.yaml", "kd.params={betaa: 2}", "kd.method=dkd"], ["betaa"]),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, args, words):
+    code, _, err = _run([*args, f"out_dir={tmp_path}", "progress=false", *FAST_RUN[:1]], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_corrupt_teacher_checkpoint_subprocess(tmp_path):
+    bad = tmp_path / "teacher.pt"
+    bad.write_bytes(b"not a checkpoint")
+    p = subprocess.run(
+        [sys.executable, "-m", "indistill", "run", "configs/demo_digits.yaml", f"teacher.checkpoint={bad}",
+         f"out_dir={tmp_path}", "progress=false"],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert "corrupt" in p.stderr
