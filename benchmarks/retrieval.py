@@ -46,8 +46,8 @@ def make_data(n_db: int, n_q: int, dim: int = 128, classes: int = 10, seed: int 
     centers = rng.normal(size=(classes, dim)) * 0.35
     dbl = rng.integers(0, classes, n_db)
     ql = rng.integers(0, classes, n_q)
-    db = (centers[dbl] + rng.normal(size=(n_db, dim)) * 0.2).astype(np.float32)
-    q = (centers[ql] + rng.normal(size=(n_q, dim)) * 0.2).astype(np.float32)
+    db = (centers[dbl] + rng.normal(size=(n_db, dim)) * 1.0).astype(np.float32)
+    q = (centers[ql] + rng.normal(size=(n_q, dim)) * 1.0).astype(np.float32)
     return db, dbl, q, ql
 
 
