@@ -140,3 +140,21 @@ def test_corrupt_teacher_checkpoint_subprocess(tmp_path):
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
     assert "corrupt" in p.stderr
+
+
+def test_every_method_with_and_without_warmup(tmp_path, capsys):
+    """Each KD method trains a tiny pair on digits after the InDistill warmup and from scratch, without NaN."""
+    code = main(["run", "configs/methods_digits.yaml", f"out_dir={tmp_path}", "progress=false", "device=cpu",
+                 "data.train_subset=200", "data.test_subset=100", "teacher.train.epochs=1",
+                 "warmup.phase_epochs=[1, 1, 1]", "warmup.epochs=4", "kd.train.epochs=1"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "methods_digits" / "results.json").read_text())["models"]
+    methods = ["kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "vid", "crd", "dkd"]
+    assert set(res) == {"teacher", *methods, *(f"indistill_{m}" for m in methods)}
+    for name, r in res.items():
+        assert 0 <= r["top1"] <= 100 and 0 < r["retrieval/cosine/standard/map"] <= 1, name
+    rows = [json.loads(x) for x in (tmp_path / "methods_digits" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["loss"] == r["loss"], r  # not NaN
+    assert sum(r["stage"] == "indistill_crd.warmup" for r in rows) == 4
+    assert sum(r["stage"] == "crd.kd" for r in rows) == 5  # equal budget: 1 + 4 warmup epochs
