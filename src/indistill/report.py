@@ -77,7 +77,8 @@ def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard
             drawn = True
         ax.set(title=f"precision-recall ({metric})", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     if drawn:
         fig.savefig(path, dpi=120)
