@@ -219,6 +219,163 @@ def stage_case(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def ratio_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Warmup vs KD epoch time, interleaved in one process so both see the same machine load.
+
+    The pipeline's ``fit`` is re-entered: fitting the warmup stage builds the KD stage (on copies
+    of the teacher and student), whose ``fit`` then times both in alternation while both stages'
+    taps are alive. Rounds: warmup-MSE, warmup-PKT, KD; the ratio is taken within each round.
+    """
+    import copy
+
+    import torch
+
+    from indistill.config import ArmSpec, load_config
+    from indistill.engine import build_optimizer
+    from indistill.pipeline import Pipeline
+
+    if case.get("threads"):
+        torch.set_num_threads(int(case["threads"]))
+    torch.manual_seed(0)
+    data, source = load_data(test_subset=512)
+    teacher_name, student_name = PAIRS[case["pair"]]
+    bs, method = case["batch_size"], case.get("method", "pkt")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [f"out_dir={tmp}", "name=bench", "progress=false", f"data.batch_size={bs}",
+                                 f"teacher.name={teacher_name}", f"student.name={student_name}"])
+        pipe = Pipeline(cfg, data=data)
+        teacher, student = pipe.build_model(cfg.teacher), pipe.build_model(cfg.student)
+        teacher2, student2 = copy.deepcopy(teacher), copy.deepcopy(student)
+        engine = pipe.engine
+        stages: dict[str, Any] = {}
+        result: dict[str, Any] = {}
+
+        def timed_rounds() -> None:
+            runs = {}
+            for key, (stage, epoch) in stages.items():
+                engine._prepare(stage.model)
+                if stage.extra is not None:
+                    engine._prepare(stage.extra)
+                for m in stage.frozen:
+                    engine._prepare(m).eval()
+                    m.requires_grad_(False)
+                params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+                runs[key] = (stage, epoch, build_optimizer(params, stage.optimizer or stage.train.optimizer))
+            scaler = torch.amp.GradScaler(engine.device.type, enabled=False)
+            warm, meas = _subset(data.train, case["warm"] * bs), _subset(data.train, case["batches"] * bs)
+            engine.train_split = warm
+            for stage, epoch, opt in runs.values():
+                engine._epoch(stage, epoch, opt, scaler)
+            engine.train_split = meas
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(case["repeats"]):
+                for key, (stage, epoch, opt) in runs.items():
+                    times[key].append(engine._epoch(stage, epoch, opt, scaler)["time_s"])
+            kd = times[f"kd:{method}"]
+            for key in ("warmup_mse", "warmup_pkt"):
+                result[f"{key}/kd:{method}"] = summarize([w / k for w, k in zip(times[key], kd)])
+            result["time_s"] = {k: summarize(v) for k, v in times.items()}
+
+        def fit(stage):
+            if stage.phase is not None:  # the warmup stage: register both of its phases, then build KD
+                phases = [stage.phase(e) for e in range(stage.train.epochs)]
+                stages["warmup_mse"] = (stage, phases.index(next(p for p in phases if p.endswith(":mse"))))
+                stages["warmup_pkt"] = (stage, phases.index(next(p for p in phases if p.endswith(":pkt"))))
+                pipe.kd(ArmSpec(name="kd", method=method), teacher2, student2, epochs=1)
+            else:
+                stages[f"kd:{method}"] = (stage, 0)
+                timed_rounds()
+            return {}
+
+        engine.fit = fit
+        pipe.warmup(ArmSpec(name="arm"), teacher, student)
+    key = f"warmup_mse/kd:{method}"
+    result.update({"data_source": source, "torch_threads": torch.get_num_threads(),
+                   "summary": f"{key} {result[key]['median']:.3f}" if key in result else "no ratio"})
+    return result
+
+
+def variants_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One stage under several precision/format variants, interleaved in one process.
+
+    One Pipeline (and Engine) per variant; each pipeline's ``fit`` builds the next variant's stage
+    before returning, so all stages (and their taps) are alive when the last one times them in
+    rounds. Speed-ups are per-round ratios to fp32, so the machine load cancels out.
+    """
+    import torch
+
+    from indistill.config import ArmSpec, TrainSpec, load_config
+    from indistill.engine import build_optimizer
+    from indistill.pipeline import Pipeline
+
+    if case.get("threads"):
+        torch.set_num_threads(int(case["threads"]))
+    data, source = load_data(test_subset=512)
+    teacher_name, student_name = PAIRS[case["pair"]]
+    names, bs, stage_name = case["variants"], case["batch_size"], case["stage"]
+    built: list[tuple[Any, Any]] = []
+    result: dict[str, Any] = {}
+    tmp = tempfile.TemporaryDirectory()
+
+    def timed_rounds() -> None:
+        runs = []
+        for engine, stage in built:
+            engine._prepare(stage.model)
+            if stage.extra is not None:
+                engine._prepare(stage.extra)
+            for m in stage.frozen:
+                engine._prepare(m).eval()
+                m.requires_grad_(False)
+            params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+            opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
+            runs.append((engine, stage, opt, torch.amp.GradScaler(engine.device.type, enabled=False)))
+        warm, meas = _subset(data.train, case["warm"] * bs), _subset(data.train, case["batches"] * bs)
+        for engine, stage, opt, sc in runs:
+            engine.train_split = warm
+            engine._epoch(stage, 0, opt, sc)
+            engine.train_split = meas
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(case["repeats"]):
+            for n, (engine, stage, opt, sc) in zip(names, runs):
+                times[n].append(engine._epoch(stage, 0, opt, sc)["time_s"])
+        result["time_s"] = {n: summarize(v) for n, v in times.items()}
+        result["speedup_vs_fp32"] = {n: summarize([f / t for f, t in zip(times["fp32"], times[n])]) for n in names}
+
+    def build(i: int) -> None:
+        if i == len(names):
+            timed_rounds()
+            return
+        v = VARIANTS[names[i]]
+        cfg = load_config(None, [
+            f"out_dir={tmp.name}", f"name=v{i}", "progress=false", f"precision={v['precision']}",
+            f"channels_last={str(v['channels_last']).lower()}", f"data.batch_size={bs}",
+            f"teacher.name={teacher_name}", f"student.name={student_name}",
+        ])
+        pipe = Pipeline(cfg, data=data)
+        torch.manual_seed(0)
+        teacher, student = pipe.build_model(cfg.teacher), pipe.build_model(cfg.student)
+
+        def fit(stage):
+            built.append((pipe.engine, stage))
+            build(i + 1)
+            return {}
+
+        pipe.engine.fit = fit
+        if stage_name == "ce":
+            pipe.supervised("ce", student, TrainSpec(epochs=1, eval_every=0))
+        else:
+            pipe.kd(ArmSpec(name="arm", method=stage_name.split(":", 1)[1]), teacher, student, epochs=1)
+
+    try:
+        build(0)
+    finally:
+        tmp.cleanup()
+    sp = result.get("speedup_vs_fp32", {})
+    result.update({"data_source": source, "torch_threads": torch.get_num_threads(),
+                   "summary": " ".join(f"{n} x{v['median']:.2f}" for n, v in sp.items() if n != "fp32")})
+    return result
+
+
 def accuracy_case(case: dict[str, Any]) -> dict[str, Any]:
     """Train cnn32_small with cross-entropy (real Engine.fit) and report test top-1."""
     import json
@@ -258,7 +415,7 @@ def accuracy_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def case_fn(case: dict[str, Any]) -> dict[str, Any]:
-    return accuracy_case(case) if case["kind"] == "accuracy" else stage_case(case)
+    return {"accuracy": accuracy_case, "ratio": ratio_case, "variants": variants_case}.get(case["kind"], stage_case)(case)
 
 
 # -- the parent --------------------------------------------------------------
@@ -285,6 +442,20 @@ def cases(quick: bool) -> list[dict[str, Any]]:
             return stage in ("ce", "warmup_mse", "warmup_pkt", "kd:pkt")
         return variant == "bf16_cl" and stage == "kd:pkt"
 
+    # Interleaved warmup/KD ratios first: the goal number, robust to the load changing between cases.
+    for pair, (warm, batches, repeats) in {"cnn": (2, 10, 5 if quick else 9), "resnet": (1, 1 if quick else 3, 3)}.items():
+        for threads in (None, 1) if pair == "cnn" else (None,):
+            out.append({"kind": "ratio", "pair": pair, "method": "pkt", "batch_size": 128, "warm": warm,
+                        "batches": batches, "repeats": repeats, "threads": threads})
+    # Precision/format speed-ups interleaved in one process (compile is left to the per-case matrix).
+    for stage in ("ce", "kd:pkt"):
+        for threads in (None, 1):
+            out.append({"kind": "variants", "pair": "cnn", "stage": stage, "batch_size": 128, "warm": 2,
+                        "batches": 8 if quick else 20, "repeats": 4 if quick else 7, "threads": threads,
+                        "variants": ["fp32", "channels_last", "bf16", "bf16_cl"]})
+    out.append({"kind": "variants", "pair": "resnet", "stage": "kd:pkt", "batch_size": 128, "warm": 1,
+                "batches": 1 if quick else 3, "repeats": 2 if quick else 3, "threads": None,
+                "variants": ["fp32", "channels_last", "bf16_cl"]})
     for pair in PAIRS:
         for stage in STAGES:
             for variant in VARIANTS:
@@ -304,6 +475,10 @@ def cases(quick: bool) -> list[dict[str, Any]]:
 
 
 def _label(c: dict[str, Any]) -> str:
+    if c["kind"] == "variants":
+        return f"{c['pair']} {c['stage']} variants interleaved" + (f" threads={c['threads']}" if c.get("threads") else "")
+    if c["kind"] == "ratio":
+        return f"{c['pair']} warmup/kd:{c['method']} interleaved" + (f" threads={c['threads']}" if c.get("threads") else "")
     if c["kind"] == "accuracy":
         return f"accuracy cnn32_small {c['variant']} ({c['train']} imgs x {c['epochs']} ep)"
     return f"{c['pair']} {c['stage']} {c['variant']} {c['data']}" + (f" threads={c['threads']}" if c.get("threads") else "")
@@ -350,6 +525,12 @@ def derived(rows: list[dict[str, Any]]) -> dict[str, Any]:
         base, one = _ips(rows, "cnn", stage), _ips(rows, "cnn", stage, threads=1)
         if base and one:
             out.setdefault("one_thread_over_default", {})[stage] = one / base
+    for r in rows:
+        c = r.get("case", {})
+        if c.get("kind") == "ratio":
+            key = f"{c['pair']}" + (f"_threads{c['threads']}" if c.get("threads") else "")
+            out.setdefault("warmup_over_kd_interleaved", {})[key] = {
+                k: v["median"] for k, v in r.items() if "/" in k and isinstance(v, dict)}
     acc = {r["case"]["variant"]: r.get("test_top1") for r in rows if r.get("case", {}).get("kind") == "accuracy"}
     out["accuracy_top1"] = acc
     return out
@@ -384,9 +565,36 @@ def render(payload: dict[str, Any]) -> list[str]:
                     cells.append("error: " + str(r.get("error", "?"))[:80].replace("|", "/"))
             body.append(cells)
         lines += table(["stage", *VARIANTS], body) + [""]
+    ratio_rows = [r for r in rows if r.get("case", {}).get("kind") == "ratio"]
+    if ratio_rows:
+        lines += ["### Warmup / KD-PKT epoch-time ratio, interleaved in one process (goal <= 1.10)", "",
+                  "Median of per-round ratios (min-max); each round times warmup-MSE, warmup-PKT and KD-PKT",
+                  "back to back on the same batches, so a load change between cases does not bias it.", ""]
+        body = []
+        for r in ratio_rows:
+            c = r["case"]
+            for k, v in r.items():
+                if "/" in k and isinstance(v, dict):
+                    body.append([c["pair"], c.get("threads") or "default", k,
+                                 f"{v['median']:.3f} ({v['min']:.2f}-{v['max']:.2f})", v["n"], c["batches"]])
+            if "error" in r:
+                body.append([c["pair"], c.get("threads") or "default", "error", r["error"][:100], "", ""])
+        lines += table(["pair", "threads", "ratio", "median (min-max)", "rounds", "batches/round"], body) + [""]
+    var_rows = [r for r in rows if r.get("case", {}).get("kind") == "variants"]
+    if var_rows:
+        lines += ["### Precision/format speed-up over fp32 eager, interleaved in one process", "",
+                  "Median (min-max) of per-round fp32-time / variant-time; > 1 is faster.", ""]
+        body = []
+        for r in var_rows:
+            c = r["case"]
+            sp = r.get("speedup_vs_fp32", {})
+            body.append([c["pair"], c["stage"], c.get("threads") or "default",
+                         *[f"{sp[v]['median']:.2f} ({sp[v]['min']:.2f}-{sp[v]['max']:.2f})" if v in sp else
+                           ("error" if "error" in r else "-") for v in ("channels_last", "bf16", "bf16_cl")]])
+        lines += table(["pair", "stage", "threads", "channels_last", "bf16", "bf16_cl"], body) + [""]
     wk = d.get("warmup_over_kd", {})
     if wk:
-        lines += ["### Warmup / KD epoch-time ratio (goal <= 1.10)", ""]
+        lines += ["### Warmup / KD epoch-time ratio across separate cases (load may differ between them)", ""]
         body = []
         for pair, per in wk.items():
             for variant, ratios in per.items():
