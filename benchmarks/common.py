@@ -194,7 +194,7 @@ def render_readme(results_dir: Path = RESULTS_DIR) -> str:
             continue
         name = path.stem
         lines += [f"## {name}", ""]
-        if isinstance(payload, dict) and ("machine" in payload or "load_before" in payload):
+        if isinstance(payload, dict) and "load_before" in payload:  # written by this runner
             lines += [_machine_line(payload), ""]
         render = next((f for k, f in renderers.items() if name == k or name.startswith(k + "_")), render_generic)
         try:
@@ -242,7 +242,7 @@ def render_retrieval(payload: Any) -> list[str]:
             body.append([metric, rec.get("authors_seconds_extrapolated"), ours, rec.get("speedup_vs_authors_median"),
                          gt.get("abs_diff")])
         lines += table(["metric", "authors' approach s (extrapolated)", "indistill s (median)", "speed-up",
-                        "|mAP - float64|"], body)
+                        "abs(mAP - float64)"], body)
         scale = payload.get("scale")
         if isinstance(scale, dict):
             lines += ["", *table(["scale case", "seconds", "peak RSS MiB"],

@@ -16,7 +16,8 @@ from typing import Any
 
 from .common import ROOT, table
 
-QUICK_DEMO = ["teacher.train.epochs=3", "warmup.a=0", "warmup.epochs=4", "kd.train.epochs=2"]
+# Tap phases 1+2+3 epochs (a=0), one embedding epoch, then 2 KD epochs (9 for the arms without warmup).
+QUICK_DEMO = ["teacher.train.epochs=3", "warmup.a=0", "warmup.epochs=7", "kd.train.epochs=2"]
 
 
 def _indistill() -> list[str]:
