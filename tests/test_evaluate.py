@@ -16,6 +16,7 @@ from indistill.evaluate import (
     evaluate_model,
     extract_features,
     retrieval_metrics,
+    retrieval_metrics_multi,
 )
 
 # ----------------------------------------------------------------------------- references
@@ -228,6 +229,20 @@ def test_reference_protocol_two_batches_partly_monotone_bug_matters():
     assert out_r["map11"] != pytest.approx(out_s["map11"], abs=1e-6)
     assert out_r["p@1"] > out_s["p@1"]  # running max from the right lifts rank-1 precision
     assert out_r["p@200"] == pytest.approx(out_s["p@200"], abs=1e-12)  # beyond rank 128: raw
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_multi_protocol_shares_the_ranking_and_equals_single_calls(metric):
+    db, dbl, q, ql = _integer_data(6, 300, 140, 4, 3, lo=-3, hi=4)
+    args = (torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql))
+    both = retrieval_metrics_multi(*args, metric=metric, ks=(1, 10, 200), protocols=("standard", "reference"),
+                                   chunk_size=9)
+    assert set(both) == {"standard", "reference"}
+    for protocol, got in both.items():
+        single = retrieval_metrics(*args, metric=metric, ks=(1, 10, 200), protocol=protocol)
+        assert got == single  # same numbers, bit for bit, whatever the chunking
+    with pytest.raises(UserError):
+        retrieval_metrics_multi(*args, protocols=())
 
 
 def test_labels_need_not_be_contiguous_and_order_is_irrelevant():

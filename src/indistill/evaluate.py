@@ -354,11 +354,35 @@ def retrieval_metrics(
     so memory is O(chunk_size * N). ``device`` runs the matmul and the ranking
     there (default: the database's device). Returns plain Python numbers.
     """
+    return retrieval_metrics_multi(
+        database, database_labels, queries, query_labels, metric, ks, (protocol,), chunk_size, device
+    )[protocol]
+
+
+def retrieval_metrics_multi(
+    database: torch.Tensor,
+    database_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    metric: str = "cosine",
+    ks: Iterable[int] = (1, 10, 100),
+    protocols: Sequence[str] = PROTOCOLS,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`retrieval_metrics` for several protocols at once, keyed by protocol.
+
+    The ranking (the costly part) is computed once and shared by the protocols.
+    """
     database = torch.as_tensor(database)
     queries = torch.as_tensor(queries)
     database_labels = torch.as_tensor(database_labels).reshape(-1)
     query_labels = torch.as_tensor(query_labels).reshape(-1)
-    ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size)
+    protocols = tuple(protocols)
+    if not protocols:
+        raise UserError("no retrieval protocol given; use one or more of: " + ", ".join(PROTOCOLS))
+    for protocol in protocols:
+        ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size)
     dev = torch.device(device) if device is not None else database.device
     N, Q = database.shape[0], queries.shape[0]
 
@@ -385,12 +409,15 @@ def retrieval_metrics(
     if chunk_size is None:
         chunk_size = max(1, min(1024, (1 << 21) // N))
 
-    res: dict[str, torch.Tensor] = {
-        "ap": torch.empty(Q, dtype=torch.float64),
-        "ap11": torch.empty(Q, dtype=torch.float64),
-        "pr": torch.empty(Q, _PR_STEPS + 1, dtype=torch.float64),
-        "pk": torch.empty(Q, len(ks), dtype=torch.float64),
-    }
+    def empty() -> dict[str, torch.Tensor]:
+        return {
+            "ap": torch.empty(Q, dtype=torch.float64),
+            "ap11": torch.empty(Q, dtype=torch.float64),
+            "pr": torch.empty(Q, _PR_STEPS + 1, dtype=torch.float64),
+            "pk": torch.empty(Q, len(ks), dtype=torch.float64),
+        }
+
+    res = {p: empty() for p in protocols}
     batch_rows_all = torch.clamp(Q - (torch.arange(Q) // REFERENCE_BATCH) * REFERENCE_BATCH, max=REFERENCE_BATCH)
     for c in torch.unique(q_codes).tolist():
         qi = torch.nonzero(q_codes == c)[:, 0]
@@ -399,29 +426,30 @@ def retrieval_metrics(
             idx = qi[s0 : s0 + chunk_size]
             keys = _keys(q_all[idx.to(dev)], db, db_stat, metric)
             ranks = _relevant_ranks(keys, a, b, db_index)
+            del keys
             std = _standard(ranks, ks)
-            res["ap"][idx] = std["ap"].cpu()
-            if protocol == "standard":
-                part = std
-            else:
-                part = _reference(ranks, batch_rows_all[idx].to(dev), ks)
-            res["ap11"][idx] = part["ap11"].cpu()
-            res["pr"][idx] = part["pr"].cpu()
-            res["pk"][idx] = part["pk"].cpu()
+            for protocol in protocols:
+                part = std if protocol == "standard" else _reference(ranks, batch_rows_all[idx].to(dev), ks)
+                r = res[protocol]
+                r["ap"][idx] = std["ap"].cpu()
+                r["ap11"][idx] = part["ap11"].cpu()
+                r["pr"][idx] = part["pr"].cpu()
+                r["pk"][idx] = part["pk"].cpu()
 
-    if protocol == "standard":
-        recall_levels = [i / _PR_STEPS for i in range(_PR_STEPS + 1)]
-    else:
-        recall_levels = np.arange(0, 1.01, 0.05).tolist()
-    out: dict[str, Any] = {
-        "map": res["ap"].mean().item(),
-        "map11": res["ap11"].mean().item(),
-    }
-    for j, k in enumerate(ks):
-        out[f"p@{k}"] = res["pk"][:, j].mean().item()
-    out["pr_curve"] = {"recall": recall_levels, "precision": res["pr"].mean(0).tolist()}
-    out.update(num_queries=Q, metric=metric, protocol=protocol)
-    return out
+    results: dict[str, dict[str, Any]] = {}
+    for protocol in protocols:
+        r = res[protocol]
+        if protocol == "standard":
+            recall_levels = [i / _PR_STEPS for i in range(_PR_STEPS + 1)]
+        else:
+            recall_levels = np.arange(0, 1.01, 0.05).tolist()
+        out: dict[str, Any] = {"map": r["ap"].mean().item(), "map11": r["ap11"].mean().item()}
+        for j, k in enumerate(ks):
+            out[f"p@{k}"] = r["pk"][:, j].mean().item()
+        out["pr_curve"] = {"recall": recall_levels, "precision": r["pr"].mean(0).tolist()}
+        out.update(num_queries=Q, metric=metric, protocol=protocol)
+        results[protocol] = out
+    return results
 
 
 # ----------------------------------------------------------------------------- models
@@ -486,11 +514,11 @@ def evaluate_model(
     pr: dict[str, Any] = {}
     ks = tuple(k for k in ks if k <= db["labels"].numel())
     for metric in metrics:
-        for protocol in protocols:
-            r = retrieval_metrics(
-                db["embedding"], db["labels"], test["embedding"], test["labels"],
-                metric=metric, ks=ks, protocol=protocol, device=device,
-            )
+        both = retrieval_metrics_multi(
+            db["embedding"], db["labels"], test["embedding"], test["labels"],
+            metric=metric, ks=ks, protocols=tuple(protocols), device=device,
+        )
+        for protocol, r in both.items():
             prefix = f"retrieval/{metric}/{protocol}"
             out[f"{prefix}/map"] = r["map"]
             out[f"{prefix}/map11"] = r["map11"]
