@@ -358,3 +358,23 @@ def test_taps_carry_gradients_for_training():
     feats["stage2"].pow(2).mean().backward()
     assert model.block1.conv.weight.grad is not None and model.block1.conv.weight.grad.abs().sum() > 0
     assert model.classifier.weight.grad is None
+
+
+def test_zoo_maxpool_fast_path_is_exact_with_and_without_grad():
+    from indistill.models.zoo._common import MaxPool2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (5, 6, 13, 13), generator=g).float()  # many ties inside windows
+    pool, ref = MaxPool2d(2), torch.nn.MaxPool2d(2)
+    with torch.no_grad():
+        out = pool(x)
+    assert out.is_contiguous() and torch.equal(out, ref(x))
+    xg = x.clone().requires_grad_()
+    pool(xg).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pool(cl), ref(x))
+    m = create_model("cnn32_small", num_classes=10, in_channels=1).eval()
+    assert isinstance(m.block1.pool, torch.nn.MaxPool2d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ...errors import UserError
@@ -40,3 +41,26 @@ def kaiming_init(model: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools channels-last when no gradient is needed (CPU only).
+
+    Why: on CPU, ATen's contiguous (NCHW) max-pool kernel is 5-10x slower than its
+    channels-last one for the small maps of the CIFAR-size zoo (measured 3.5 ms vs
+    0.5 ms for a 128x8x30x30 batch on 2 cores), and a frozen teacher's forward in
+    every KD or warmup step, and feature extraction, run without gradients. The
+    result is the same tensor (max is exact) in the input's memory format. With
+    gradients the plain kernel is kept: its backward is faster than the
+    channels-last one plus the layout copies.
+    """
+
+    def forward(self, x):  # type: ignore[override]
+        if (
+            x.device.type == "cpu"
+            and x.dim() == 4
+            and x.is_contiguous()
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)

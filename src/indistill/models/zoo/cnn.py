@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ...errors import UserError
 from ..registry import register_model
-from ._common import check_io, check_widths
+from ._common import MaxPool2d, check_io, check_widths
 
 CNN_TAPS = {
     "stage1": "block1",
@@ -31,7 +31,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
             conv=nn.Conv2d(cin, cout, kernel_size=3, padding=0),
             bn=nn.BatchNorm2d(cout),
             relu=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
+            pool=MaxPool2d(2),
         )
     )
 

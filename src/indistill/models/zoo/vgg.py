@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...errors import UserError
 from ..registry import register_model
-from ._common import check_io
+from ._common import MaxPool2d, check_io
 
 VGG_TAPS = {
     "stage1": "pool0",
@@ -57,10 +57,10 @@ class CifarVGG(nn.Module):
         cins = [in_channels] + [b[-1] for b in cfg[:-1]]
         for i, (cin, widths) in enumerate(zip(cins, cfg)):
             self.add_module(f"block{i}", _block(cin, widths))
-        self.pool0 = nn.MaxPool2d(2, 2)
-        self.pool1 = nn.MaxPool2d(2, 2)
-        self.pool2 = nn.MaxPool2d(2, 2)
-        self.pool3 = nn.MaxPool2d(2, 2)
+        self.pool0 = MaxPool2d(2, 2)
+        self.pool1 = MaxPool2d(2, 2)
+        self.pool2 = MaxPool2d(2, 2)
+        self.pool3 = MaxPool2d(2, 2)
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
