@@ -123,6 +123,8 @@ class Pipeline:
         )
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
+        """Build ``spec`` on the run's device, initialised from ``cfg.seed`` (a re-run builds the same weights)."""
+        torch.manual_seed(self.cfg.seed)
         return build_model(spec, self.data).to(self.device)
 
     # -- bookkeeping ---------------------------------------------------------

@@ -107,10 +107,13 @@ def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | Non
     cls = _METHODS[name]
     allowed = method_params(cls)
     params = dict(params or {})
-    for k in params:
-        if k not in allowed:
-            raise UserError(
-                f"method '{name}' has no parameter '{k}'{suggest(k, allowed)}; "
-                f"its parameters: {', '.join(allowed) or 'none'}"
-            )
+    unknown = [k for k in params if k not in allowed]
+    if unknown:
+        # Name every unknown key: a params block left over from another method has several.
+        hints = "".join(suggest(k, allowed) for k in unknown)
+        raise UserError(
+            f"method '{name}' has no parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}{hints}; its parameters: {', '.join(allowed) or 'none'} "
+            f"(kd.params must belong to kd.method)"
+        )
     return cls(ctx, **params)
