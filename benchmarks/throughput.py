@@ -121,19 +121,13 @@ def _measure(engine, stage, case: dict[str, Any], data) -> dict[str, Any]:
 
     from indistill.engine import build_optimizer
 
-    engine._prepare(stage.model)
-    if stage.extra is not None:
-        engine._prepare(stage.extra)
-    for m in stage.frozen:
-        engine._prepare(m).eval()
-        m.requires_grad_(False)
+    params = engine.prepare_stage(stage)
     want = case["stage"]
     epoch = 0
     if stage.phase is not None:
         phases = [stage.phase(e) for e in range(stage.train.epochs)]
         key = "pkt" if want == "warmup_pkt" else "mse"
         epoch = next(e for e, p in enumerate(phases) if key in p.split(":")[-1])
-    params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
     opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
     scaler = torch.amp.GradScaler(engine.device.type, enabled=engine.precision == "fp16")
     out: dict[str, Any] = {"epoch_measured": epoch, "phase": stage.phase(epoch) if stage.phase else None}
@@ -253,13 +247,7 @@ def ratio_case(case: dict[str, Any]) -> dict[str, Any]:
         def timed_rounds() -> None:
             runs = {}
             for key, (stage, epoch) in stages.items():
-                engine._prepare(stage.model)
-                if stage.extra is not None:
-                    engine._prepare(stage.extra)
-                for m in stage.frozen:
-                    engine._prepare(m).eval()
-                    m.requires_grad_(False)
-                params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+                params = engine.prepare_stage(stage)
                 runs[key] = (stage, epoch, build_optimizer(params, stage.optimizer or stage.train.optimizer))
             scaler = torch.amp.GradScaler(engine.device.type, enabled=False)
             warm, meas = _subset(data.train, case["warm"] * bs), _subset(data.train, case["batches"] * bs)
@@ -320,13 +308,7 @@ def variants_case(case: dict[str, Any]) -> dict[str, Any]:
     def timed_rounds() -> None:
         runs = []
         for engine, stage in built:
-            engine._prepare(stage.model)
-            if stage.extra is not None:
-                engine._prepare(stage.extra)
-            for m in stage.frozen:
-                engine._prepare(m).eval()
-                m.requires_grad_(False)
-            params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+            params = engine.prepare_stage(stage)
             opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
             runs.append((engine, stage, opt, torch.amp.GradScaler(engine.device.type, enabled=False)))
         warm, meas = _subset(data.train, case["warm"] * bs), _subset(data.train, case["batches"] * bs)

@@ -95,6 +95,19 @@ def test_train_fashion_mnist_subset(tmp_path, capsys):
     assert res["models"]["model"]["num_database"] == 6000
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_train_fashion_mnist_full_reaches_88_percent_in_10_epochs(tmp_path, capsys):
+    """The foundation's accuracy bar: cnn32_small on all of Fashion-MNIST, 10 epochs, the defaults."""
+    require_fashion_mnist()
+    code, _, _ = _run(["train", "model.name=cnn32_small", "data.name=fashion_mnist", "train.epochs=10",
+                       f"out_dir={tmp_path}", "name=f", "progress=false", "evaluate.protocols=[standard]"], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "f" / "results.json").read_text())["models"]["model"]
+    assert res["num_test"] == 10000 and res["num_database"] == 60000
+    assert res["top1"] >= 88.0
+
+
 def test_prune_and_listing_commands(tmp_path, capsys):
     code, out, _ = _run(["prune", "teacher.name=cnn32", "student.name=cnn32_small", f"out_dir={tmp_path}"], capsys)
     assert code == 0 and "kept[stage3]" in out

@@ -191,6 +191,16 @@ class Engine:
             module.to(memory_format=torch.channels_last)
         return module
 
+    def prepare_stage(self, stage: Stage) -> list[nn.Parameter]:
+        """Put the stage's modules on the device (and format), freeze its frozen ones; return what trains."""
+        self._prepare(stage.model)
+        if stage.extra is not None:
+            self._prepare(stage.extra)
+        for m in stage.frozen:
+            self._prepare(m).eval()
+            m.requires_grad_(False)
+        return list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+
     def _write_metrics(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -199,12 +209,7 @@ class Engine:
     def fit(self, stage: Stage) -> dict[str, Any]:
         """Train ``stage`` to completion (or load it if already finished); returns its summary."""
         final = self.checkpoint_path(stage.name)
-        self._prepare(stage.model)
-        if stage.extra is not None:
-            self._prepare(stage.extra)
-        for m in stage.frozen:
-            self._prepare(m).eval()
-            m.requires_grad_(False)
+        params = self.prepare_stage(stage)
         if final.is_file():
             ckpt = safe_load(final, map_location=self.device)
             stage.model.load_state_dict(ckpt["model"])
@@ -213,7 +218,6 @@ class Engine:
             self.log.info(f"[{stage.name}] already finished: loaded {final}")
             return dict(ckpt.get("summary", {}))
 
-        params = list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
         epochs = stage.train.epochs
         opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
         sched = build_scheduler(opt, stage.scheduler or stage.train.scheduler, epochs)
