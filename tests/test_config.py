@@ -51,3 +51,14 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(UserError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_partial_block_keeps_the_fields_own_defaults(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train: {epochs: 5}\nteacher: {train: {optimizer: {name: sgd, lr: 0.1}}}\n")
+    cfg = load_config(cfg_file, [])
+    assert cfg.train.epochs == 5 and cfg.train.scheduler.name == "cosine"  # `indistill train` anneals by default
+    assert cfg.teacher.train.epochs == load_config(None, []).teacher.train.epochs == 20
+    assert cfg.teacher.train.optimizer.name == "sgd" and cfg.teacher.train.optimizer.lr == 0.1
+    assert load_config(cfg_file, ["train.scheduler.name=none"]).train.scheduler.name == "none"
+    assert load_config(None, []).kd.train.scheduler.name == "none"  # stage schedules follow the reference: constant

@@ -150,7 +150,8 @@ class Config:
     progress: bool = True
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
+    # `indistill train` anneals by default (cosine): the usual choice for a plain supervised run.
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(scheduler=SchedulerSpec(name="cosine")))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)
     student: ModelSpec = field(default_factory=ModelSpec)
@@ -254,12 +255,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass ``cls`` from a dict, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    specs = {f.name: f for f in dataclasses.fields(cls)}
+    fields = set(specs)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise UserError(f"{where}: unknown key '{key}'{suggest(str(key), fields)}; valid keys: {', '.join(sorted(fields))}")
         sub = f"{where}.{key}"
+        factory = specs[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
+            # A partial mapping fills in this field's own defaults (teacher.train has 20 epochs, a bare
+            # TrainSpec 10), so leaving a key out of YAML means the same as leaving the whole block out.
+            value = _merge(to_dict(factory()), value)
         kwargs[key] = _coerce(hints[key], value, sub)
         _check_choice(cls, key, kwargs[key], sub)
     return cls(**kwargs)
