@@ -58,6 +58,7 @@ def test_partial_block_keeps_the_fields_own_defaults(tmp_path):
     cfg_file.write_text("train: {epochs: 5}\nteacher: {train: {optimizer: {name: sgd, lr: 0.1}}}\n")
     cfg = load_config(cfg_file, [])
     assert cfg.train.epochs == 5 and cfg.train.scheduler.name == "cosine"  # `indistill train` anneals by default
+    assert cfg.train.optimizer.lr == 2e-3
     assert cfg.teacher.train.epochs == load_config(None, []).teacher.train.epochs == 20
     assert cfg.teacher.train.optimizer.name == "sgd" and cfg.teacher.train.optimizer.lr == 0.1
     assert load_config(cfg_file, ["train.scheduler.name=none"]).train.scheduler.name == "none"

@@ -150,8 +150,10 @@ class Config:
     progress: bool = True
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
-    # `indistill train` anneals by default (cosine): the usual choice for a plain supervised run.
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(scheduler=SchedulerSpec(name="cosine")))
+    # `indistill train` (a plain supervised run) defaults to Adam 2e-3 annealed by a cosine schedule:
+    # on Fashion-MNIST, cnn32_small reached 87.95% in 10 epochs with Adam 1e-3 + cosine, 89.02% with 2e-3.
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(
+        optimizer=OptimizerSpec(lr=2e-3), scheduler=SchedulerSpec(name="cosine")))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)
     student: ModelSpec = field(default_factory=ModelSpec)

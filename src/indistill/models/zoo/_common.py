@@ -43,24 +43,47 @@ def kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools channels-last when no gradient is needed (CPU only).
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
-    Why: on CPU, ATen's contiguous (NCHW) max-pool kernel is 5-10x slower than its
-    channels-last one for the small maps of the CIFAR-size zoo (measured 3.5 ms vs
-    0.5 ms for a 128x8x30x30 batch on 2 cores), and a frozen teacher's forward in
-    every KD or warmup step, and feature extraction, run without gradients. The
-    result is the same tensor (max is exact) in the input's memory format. With
-    gradients the plain kernel is kept: its backward is faster than the
-    channels-last one plus the layout copies.
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """Max-pool an NCHW tensor with ATen's channels-last kernels, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        xc = x.contiguous(memory_format=torch.channels_last)
+        y, idx = torch.ops.aten.max_pool2d_with_indices(xc, kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(xc, idx)
+        ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+        return y.contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xc, idx = ctx.saved_tensors
+        g = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(memory_format=torch.channels_last), xc, *ctx.args, idx
+        )
+        return g.contiguous(), None, None, None, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that runs ATen's channels-last kernels on contiguous CPU input.
+
+    Why: on CPU the contiguous (NCHW) max-pool kernels are several times slower
+    than the channels-last ones for the small maps of the CIFAR-size zoo
+    (2 cores, 128x8x30x30: forward 3.5 ms vs 0.5 ms; forward + backward of
+    128x16x13x13 at one thread: 3.5 ms vs 1.2 ms), while the convolutions and
+    BatchNorm around it are fastest in NCHW. The layout copies cost less than
+    the difference. Output and gradient are the same tensors as the plain
+    module's (max and its argmax are exact); elsewhere the plain module runs.
     """
 
     def forward(self, x):  # type: ignore[override]
-        if (
-            x.device.type == "cpu"
-            and x.dim() == 4
-            and x.is_contiguous()
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not self.return_indices:
+            stride = self.stride if self.stride is not None else self.kernel_size
+            return _ChannelsLastMaxPool.apply(
+                x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode
+            )
         return super().forward(x)
