@@ -312,11 +312,14 @@ def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int])
     }
 
 
-def _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size):
+def _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocols, chunk_size):
     if metric not in METRICS:
         raise UserError(f"unknown retrieval metric '{metric}'; use one of: {', '.join(METRICS)}")
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown retrieval protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
+    if not protocols:
+        raise UserError("no retrieval protocol given; use one or more of: " + ", ".join(PROTOCOLS))
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise UserError(f"unknown retrieval protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
     if database.dim() != 2 or queries.dim() != 2 or database.shape[1] != queries.shape[1]:
         raise UserError(
             f"database and queries must be (N, D) with the same D, got {tuple(database.shape)} and "
@@ -379,10 +382,7 @@ def retrieval_metrics_multi(
     database_labels = torch.as_tensor(database_labels).reshape(-1)
     query_labels = torch.as_tensor(query_labels).reshape(-1)
     protocols = tuple(protocols)
-    if not protocols:
-        raise UserError("no retrieval protocol given; use one or more of: " + ", ".join(PROTOCOLS))
-    for protocol in protocols:
-        ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocol, chunk_size)
+    ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocols, chunk_size)
     dev = torch.device(device) if device is not None else database.device
     N, Q = database.shape[0], queries.shape[0]
 
