@@ -276,7 +276,11 @@ def test_dkd_golden():
         assert_close(got["ce"], np_ce(s["logits"], LABELS))
 
 
-def test_crd_golden():
+@pytest.mark.parametrize("dense_factor", [0, 10**6])  # 0: gather bank rows; 10**6: score the whole bank
+def test_crd_golden(dense_factor, monkeypatch):
+    import indistill.methods.crd as crd_mod
+
+    monkeypatch.setattr(crd_mod, "DENSE_SCORES_FACTOR", dense_factor)
     rng = np.random.default_rng(11)
     feat_dim, T, mom = 8, 0.07, 0.5
     ws, bs_, wt, bt = rng.normal(size=(8, 5)), rng.normal(size=8), rng.normal(size=(8, 7)), rng.normal(size=8)
