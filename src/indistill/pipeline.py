@@ -169,8 +169,7 @@ class Pipeline:
 
     def teacher(self) -> Trained:
         spec = self.cfg.teacher
-        torch.manual_seed(self.cfg.seed)
-        model = build_model(spec, self.data).to(self.device)
+        model = self.build_model(spec)
         if spec.checkpoint:
             load_weights(model, spec.checkpoint)
             self.log.info(f"[teacher] loaded {spec.checkpoint}")
@@ -183,8 +182,7 @@ class Pipeline:
         from .methods import pkt_loss
 
         spec = self.cfg.auxiliary
-        torch.manual_seed(self.cfg.seed)
-        aux = build_model(spec, self.data).to(self.device)
+        aux = self.build_model(spec)
         if spec.checkpoint:
             load_weights(aux, spec.checkpoint)
             return Trained("auxiliary", aux, "auxiliary", Path(spec.checkpoint))
@@ -348,8 +346,7 @@ class Pipeline:
         return [ArmSpec(name="student", warmup=self.cfg.warmup.mode, method=self.cfg.kd.method)]
 
     def student(self, arm: ArmSpec, teacher: nn.Module) -> Trained:
-        torch.manual_seed(self.cfg.seed)  # every arm starts from the same initial student
-        student = build_model(self.cfg.student, self.data).to(self.device)
+        student = self.build_model(self.cfg.student)  # seeded: every arm starts from the same initial student
         kd_epochs = self.cfg.kd.train.epochs
         if arm.warmup == "indistill":
             self.warmup(arm, teacher, student)
