@@ -5,10 +5,10 @@ from indistill.errors import UserError
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["kd.method=dkd", "kd.train.optimizer.lr=1e-4", "warmup=none", "data.train_subset=100"])
+    cfg = load_config(None, ["kd.method=dkd", "student.train.optimizer.lr=1e-4", "warmup=none", "data.train_subset=100"])
     assert isinstance(cfg, Config)
     assert cfg.kd.method == "dkd"
-    assert cfg.kd.train.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.student.train.optimizer.lr == pytest.approx(1e-4)
     assert cfg.warmup.mode == "none"
     assert cfg.data.train_subset == 100
 
@@ -62,4 +62,28 @@ def test_partial_block_keeps_the_fields_own_defaults(tmp_path):
     assert cfg.teacher.train.epochs == load_config(None, []).teacher.train.epochs == 20
     assert cfg.teacher.train.optimizer.name == "sgd" and cfg.teacher.train.optimizer.lr == 0.1
     assert load_config(cfg_file, ["train.scheduler.name=none"]).train.scheduler.name == "none"
-    assert load_config(None, []).kd.train.scheduler.name == "none"  # stage schedules follow the reference: constant
+    assert load_config(None, []).student.train.scheduler.name == "none"  # stage schedules follow the reference: constant
+
+
+def test_arm_defaults_come_from_the_top_level_and_params_belong_to_their_method(tmp_path):
+    from indistill.config import resolve_arms
+
+    p = tmp_path / "c.yaml"
+    p.write_text("kd: {method: pkt, params: {pkt: {variant: original}, dkd: {beta: 4}}}\n"
+                 "arms:\n  - {name: a}\n  - {name: b, warmup: none}\n  - {name: c, method: kd, params: {T: 2}}\n")
+    arms = {a.name: a for a in resolve_arms(load_config(p))}
+    assert (arms["a"].warmup, arms["a"].method, arms["a"].params) == ("indistill", "pkt", {"variant": "original"})
+    assert (arms["b"].warmup, arms["b"].method) == ("none", "pkt")
+    assert (arms["c"].method, arms["c"].params) == ("kd", {"T": 2})
+    # kd.method=dkd reaches the arms without their own method, with dkd's own params
+    arms = {a.name: a for a in resolve_arms(load_config(p, ["kd.method=dkd"]))}
+    assert (arms["a"].method, arms["a"].params) == ("dkd", {"beta": 4})
+    # arm b sets its own warmup: warmup=none reaches a and c; an override that reaches no arm is an error
+    assert [a.warmup for a in resolve_arms(load_config(p, ["warmup=indistill"]))] == ["indistill", "none", "indistill"]
+    with pytest.raises(UserError, match="shadowed by arm c"):
+        load_config(p, ["kd.params.kd.T=3"])
+    q = tmp_path / "d.yaml"
+    q.write_text("arms:\n  - {name: x, warmup: none}\n  - {name: y, warmup: indistill}\n")
+    with pytest.raises(UserError, match="shadowed by arms x, y"):
+        load_config(q, ["warmup=none"])
+    assert [a.warmup for a in resolve_arms(load_config(None, ["warmup=none"]))] == ["none"]

@@ -21,7 +21,7 @@ T_SHAPES = {"stage1": (3, 4, 4), "stage2": (5, 4, 4), "stage3": (6, 2, 2), "embe
 LABELS = np.array([0, 1, 2, 3, 1, 2])
 INDEX = np.array([3, 0, 7, 12, 5, 19])
 N_SAMPLES = 20
-ALL = ["at", "crd", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "sp", "vid"]
+ALL = ["at", "ce", "crd", "dkd", "fitnet", "kd", "nst", "pkt", "rkd", "sp", "vid"]
 
 
 def make_ctx(num_samples: int = N_SAMPLES) -> MethodContext:

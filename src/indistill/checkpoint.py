@@ -90,3 +90,28 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
     save_file(state, str(tmp), metadata=metadata or {})
     os.replace(tmp, path)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temp file in the same folder, fsync, then ``os.replace``: a kill mid-write
+    leaves the old file (or none), never an empty or half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    """:func:`atomic_write_text` of ``json.dumps(obj)``."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=str))

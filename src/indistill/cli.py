@@ -8,7 +8,7 @@ Bad input prints one ``error:`` line and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -32,12 +32,15 @@ def packaged_config(name: str) -> Path:
         return Path(p)
 
 
+def _command(name: str, args) -> str:
+    return " ".join(["indistill", name, *([args.config] if getattr(args, "config", None) else []), *args.overrides])
+
+
 def cmd_run(args) -> int:
     from .pipeline import Pipeline
 
     cfg = _config(args.config, args.overrides)
-    command = " ".join(["indistill", "run", *([args.config] if args.config else []), *args.overrides])
-    results = Pipeline(cfg).run(command=command)
+    results = Pipeline(cfg).run(command=_command("run", args))
     print((cfg.run_dir / "results.md").read_text())
     print(f"run directory: {cfg.run_dir}  (results.json, results.md, plots/, export/)")
     return 0 if results else 1
@@ -48,72 +51,146 @@ def cmd_demo(args) -> int:
     from .pipeline import Pipeline
 
     cfg = load_config(packaged_config("demo_digits.yaml"), args.overrides)
-    print("indistill demo: digits (embedded, offline) - teacher, student CE, student PKT, student InDistill+PKT")
+    print("indistill demo: digits (embedded, offline) - teacher, then student arms CE, PKT, InDistill+PKT "
+          f"({cfg.student.train.epochs} epochs each, one LR schedule)")
     Pipeline(cfg).run(command=" ".join(["indistill", "demo", *args.overrides]))
     print((cfg.run_dir / "results.md").read_text())
     print(f"plots: {cfg.run_dir / 'plots'}\nrun directory: {cfg.run_dir}")
+    print("one seed: a difference between arms here is not evidence; `indistill grid` pairs arms over seeds")
     return 0
 
 
 def cmd_train(args) -> int:
+    from .models import model_taps, tap_shapes
     from .pipeline import Pipeline, Trained
     from .report import write_report
+    from .stages import supervised_stage
 
     cfg = _config(args.config, args.overrides)
     p = Pipeline(cfg)
     model = p.build_model(cfg.model)
-    p.supervised("model", model, cfg.train)
-    results = p.evaluate([Trained("model", model, "model", p.engine.checkpoint_path("model"))])
-    write_report(cfg.run_dir, results, cfg=cfg, command="indistill train " + " ".join(
-        [*([args.config] if args.config else []), *args.overrides]))
+    tap_shapes(model, model_taps(model), p.input_shape)
+    p.claim()
+    try:
+        p.engine.fit(supervised_stage("model", model, cfg.train, evaluate=p._evaluator(model),
+                                      meta=p.meta(cfg.model, "model")))
+        ckpt = p.engine.checkpoint_path("model")
+        results = p.evaluate([Trained("model", model, "model", ckpt)])
+        write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
+                     data_source=getattr(p.data, "source", None))
+    finally:
+        p.release()
     print((cfg.run_dir / "results.md").read_text())
-    print(f"checkpoint: {p.engine.checkpoint_path('model')}")
+    print(f"checkpoint: {ckpt}")
     return 0
 
 
+def _evaluation_targets(target: Path) -> list[Path]:
+    if target.is_dir():
+        found = sorted(p for p in (target / "checkpoints").glob("*.pt") if not p.name.endswith(".last.pt"))
+        if not found:
+            raise UserError(f"{target} has no finished checkpoints (checkpoints/*.pt); give a checkpoint file")
+        return found
+    if not target.exists():
+        raise UserError(f"'{target}' not found; give a run directory or a checkpoint file")
+    return [target]
+
+
 def cmd_evaluate(args) -> int:
-    from .checkpoint import load_weights
-    from .pipeline import Pipeline, Trained
+    """Evaluate a run directory's checkpoints, or one checkpoint; results go to ``<run>/eval/<stem>/``."""
+    from .checkpoint import load_weights, safe_load
+    from .config import ModelSpec
+    from .evaluate import evaluate_model
+    from .models import model_taps
+    from .pipeline import build_model, count_params, load_data
     from .report import write_report
 
     cfg = _config(args.config, args.overrides)
-    p = Pipeline(cfg, check_config=False)
-    model = p.build_model(cfg.model)
-    load_weights(model, args.checkpoint)
-    name = Path(args.checkpoint).stem
-    results = p.evaluate([Trained(name, model, "model", Path(args.checkpoint))], cache=False)
-    write_report(cfg.run_dir, results, cfg=cfg, command="indistill evaluate " + " ".join(sys.argv[2:]))
-    print((cfg.run_dir / "results.md").read_text())
+    explicit_model = args.config is not None or any(o.startswith("model.") for o in args.overrides)
+    explicit_data = args.config is not None or any(o.startswith("data.name=") for o in args.overrides)
+    for ckpt in _evaluation_targets(Path(args.target)):
+        meta = {}
+        if ckpt.suffix != ".safetensors":
+            obj = safe_load(ckpt)
+            meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+        if meta and not explicit_model:
+            spec = ModelSpec(name=meta["arch"], kwargs=dict(meta.get("kwargs", {})), taps=meta.get("taps") or None)
+        elif explicit_model:
+            spec = cfg.model
+        else:
+            raise UserError(f"{ckpt} does not record its architecture; give model.name=... (and model.kwargs)")
+        if meta and not explicit_data:
+            cfg.data.name = meta["dataset"]
+        data = load_data(cfg)
+        if meta and meta.get("num_classes") not in (None, data.num_classes):
+            raise UserError(f"{ckpt} was trained on {meta['num_classes']} classes but {data.name} has "
+                            f"{data.num_classes}; give the dataset it was trained on (data.name=...)")
+        model = build_model(spec, data)
+        load_weights(model, ckpt)
+        e = cfg.evaluate
+        res = evaluate_model(model, model_taps(model), data, device=cfg.device if cfg.device != "auto" else
+                             ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+                             metrics=tuple(e.metrics), protocols=tuple(e.protocols), ks=tuple(e.ks))
+        res.update({"role": meta.get("role", "model"), "model": spec.name, "params": count_params(model),
+                    "checkpoint": str(ckpt)})
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out = run / "eval" / ckpt.name.split(".")[0]
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, {ckpt.name.split(".")[0]: res}, cfg=cfg, command="indistill evaluate " + " ".join(sys.argv[2:]),
+                     data_source=getattr(data, "source", None))
+        print((out / "results.md").read_text())
+        print(f"written: {out}")
     return 0
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint import load_weights
-    from .pipeline import Pipeline, default_pairs
-    from .prune import prune_to_student
+    """The channels the run's warmup distils from: the trained source if the run has one."""
+    from .checkpoint import atomic_write_json, load_weights
+    from .pipeline import build_model, load_data
+    from .warmup import build_warmup
 
     cfg = _config(args.config, args.overrides)
-    p = Pipeline(cfg, check_config=False)
-    teacher = p.build_model(cfg.teacher)
-    if cfg.teacher.checkpoint:
-        load_weights(teacher, cfg.teacher.checkpoint)
-    student = p.build_model(cfg.student)
-    pairs = default_pairs(teacher, student, cfg.warmup.pairs)
-    pruned = prune_to_student(
-        teacher, student, pairs, importance=cfg.warmup.importance, producers=cfg.warmup.producers or None,
-        input_shape=p.input_shape, resize=cfg.warmup.resize,
-    )
-    rows = pruned.table()
+    data = load_data(cfg)
+    spec, role, trained_name = (cfg.auxiliary, "auxiliary", "auxiliary_pkt") if cfg.auxiliary.enabled else (
+        cfg.teacher, "teacher", "teacher")
+    source = build_model(spec, data)
+    ckpt = Path(spec.checkpoint) if spec.checkpoint else cfg.run_dir / "checkpoints" / f"{trained_name}.pt"
+    if ckpt.is_file():
+        load_weights(source, ckpt)
+        print(f"pruning the trained {role}: {ckpt}")
+    else:
+        print(f"note: no trained {role} yet ({ckpt} missing): pruning an UNTRAINED {role}; "
+              f"the run prunes its trained {role}, whose channels will differ")
+    student = build_model(cfg.student, data)
+    w = build_warmup(cfg.warmup, source, student, (data.in_channels, data.image_size, data.image_size))
+    rows = w.table()
     cols = list(rows[0].keys()) if rows else []
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    for tap, kept in pruned.kept.items():
+    for tap, kept in w.pruned.kept.items():
         print(f"kept[{tap}] = {kept.tolist()}")
-    out = cfg.run_dir / "prune.json"
-    out.write_text(json.dumps({"rows": rows, "kept": {k: v.tolist() for k, v in pruned.kept.items()}},
-                              indent=1, default=str))
-    print(f"written: {out}")
+    print(f"schedule: {w.schedule.describe()} ({w.epochs} of student.train.epochs={cfg.student.train.epochs})")
+    out = Path(args.out) if args.out else (cfg.run_dir / "prune.json" if cfg.run_dir.is_dir() else None)
+    if out is not None:
+        atomic_write_json(out, {"source": role, "trained": ckpt.is_file(), **w.prune_record()})
+        print(f"written: {out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """Build everything and push one batch through every stage; no training, nothing written."""
+    from .config import resolve_arms
+    from .pipeline import Pipeline
+
+    cfg = _config(args.config, args.overrides)
+    p = Pipeline(cfg)
+    p.validate(one_batch=True)
+    src = "auxiliary" if cfg.auxiliary.enabled else "teacher"
+    for arm in resolve_arms(cfg):
+        print(f"arm {arm.name}: warmup={arm.warmup} method={arm.method} params={arm.params or {}} "
+              f"({cfg.student.train.epochs} student epochs, source {src})")
+    print(f"ok: {args.config or 'config'} is valid ({p.data.name}: {len(p.data.train)} train / {len(p.data.test)} test)")
     return 0
 
 
@@ -123,7 +200,6 @@ def cmd_methods(_args) -> int:
     for name, cls in list_methods().items():
         params = ", ".join(f"{k}={v!r}" for k, v in method_params(cls).items())
         print(f"{name:8s} {cls.summary}  [{params}]")
-    print(f"{'ce':8s} cross-entropy on labels only (no teacher): the baseline arm")
     return 0
 
 
@@ -156,39 +232,62 @@ def cmd_layers(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="indistill", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    def with_config(p):
-        p.add_argument("config", nargs="?", help="YAML config (see configs/)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kd.method=dkd")
+    ap = argparse.ArgumentParser(prog="indistill", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"indistill {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, text: str, fn, config: bool = True):
+        p = sub.add_parser(name, help=text, description=text)
+        if config:
+            p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+            p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kd.method=dkd")
+        p.set_defaults(fn=fn)
         return p
 
-    p = with_config(sub.add_parser("run", help="the pipeline: teacher -> auxiliary -> warmup -> KD -> evaluate"))
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("demo", help="offline demo on the embedded digits data (< 5 min on 2 cores)")
-    p.add_argument("overrides", nargs="*")
+    add("run", "the pipeline: teacher -> auxiliary -> student arms (warmup + KD) -> evaluate", cmd_run)
+    p = sub.add_parser("demo", help="offline demo on the embedded digits data (about a minute on 2 cores)",
+                       description="offline demo on the embedded digits data (about a minute on 2 cores)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=cmd_demo)
-    p = with_config(sub.add_parser("train", help="supervised training of `model` on `data`"))
-    p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("evaluate", help="top-1 + retrieval of a checkpoint")
-    p.add_argument("checkpoint")
-    with_config(p).set_defaults(fn=cmd_evaluate)
-    p = with_config(sub.add_parser("prune", help="print the teacher channels kept for the student's widths"))
-    p.set_defaults(fn=cmd_prune)
-    sub.add_parser("methods", help="list the KD methods and their parameters").set_defaults(fn=cmd_methods)
-    sub.add_parser("models", help="list the model zoo").set_defaults(fn=cmd_models)
-    sub.add_parser("datasets", help="list the datasets").set_defaults(fn=cmd_datasets)
-    p = sub.add_parser("layers", help="list a zoo model's taps and module paths")
+    add("train", "supervised training of `model` on `data` (Adam 2e-3 + cosine by default)", cmd_train)
+    p = sub.add_parser("evaluate", help="top-1 + retrieval of a run directory's checkpoints or one checkpoint",
+                       description="top-1 + retrieval of a run directory's checkpoints or one checkpoint; "
+                                   "results go to <run>/eval/<checkpoint>/, never into the run's own results")
+    p.add_argument("target", help="run directory or checkpoint (.pt / .safetensors)")
+    p.add_argument("config", nargs="?", help="YAML config (only for checkpoints that do not record their model)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.root=/data")
+    p.set_defaults(fn=cmd_evaluate)
+    p = add("prune", "print the source channels the warmup distils from (the trained source when the run has one)",
+            cmd_prune)
+    p.add_argument("--out", help="also write the table as JSON here")
+    add("validate", "build everything and push one batch through every stage (no training, nothing written)",
+        cmd_validate)
+    add("methods", "list the KD methods and their parameters", cmd_methods, config=False)
+    add("models", "list the model zoo", cmd_models, config=False)
+    add("datasets", "list the datasets", cmd_datasets, config=False)
+    p = add("layers", "list a zoo model's taps and module paths", cmd_layers, config=False)
     p.add_argument("model")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
-    p.set_defaults(fn=cmd_layers)
+    _add_grid(add)
     return ap
+
+
+def _add_grid(add) -> None:
+    from .grid import add_grid_parser
+
+    add_grid_parser(add)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = os.environ.get("INDISTILL_THREADS")
+    if threads:  # a grid worker: its share of the cores
+        import torch
+
+        torch.set_num_threads(int(threads))
     try:
         return int(args.fn(args) or 0)
     except UserError as e:
@@ -197,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `indistill layers resnet20 | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

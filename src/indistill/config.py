@@ -67,6 +67,7 @@ class ModelSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     taps: dict[str, str] | None = None
     checkpoint: str | None = None  # load trained weights from here instead of training
+    reset_head: bool = False  # with checkpoint: keep the fresh classifier when the class counts differ
 
 
 @dataclass
@@ -87,46 +88,71 @@ class AuxiliarySpec(ModelSpec):
 
 
 @dataclass
-class WarmupSpec:
-    """Stage 1, the InDistill curriculum (see METHOD.md).
+class StudentSpec(ModelSpec):
+    """The student, and the ONE budget every arm trains under.
 
-    Phase k (1-based) distils student tap ``taps[k-1]`` for ``a + k`` epochs
-    (or ``phase_epochs[k-1]``) with ``tap_loss``; then the embedding with
-    ``embedding_loss`` for the rest of ``epochs``.
+    ``train.epochs`` is each arm's total: the warmup (if the arm has one) takes
+    its first epochs and the KD method the rest, under one optimizer and one
+    learning-rate schedule over absolute student epochs, identical for every arm.
+    ``kd_boundary`` says what happens to the optimizer state when the warmup
+    hands over to the KD method: ``keep`` (default: one optimizer over the whole
+    run, as the paper's single 70-epoch student run) or ``reset`` (fresh moments).
     """
 
-    mode: str = "indistill"  # indistill | none
-    taps: list[str] | None = None  # student stage taps, shallow to deep (default: all stage taps)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=25))
+    kd_boundary: str = "keep"  # keep | reset
+
+
+@dataclass
+class WarmupSpec:
+    """The InDistill curriculum every arm with ``warmup: indistill`` runs first (see METHOD.md).
+
+    Phase k (1-based) distils student tap ``taps[k-1]`` for ``a + k`` epochs
+    (or ``phase_epochs[k-1]``) with ``tap_loss``; then, if ``embedding_epochs``
+    > 0, the embedding with ``embedding_loss``. Its length is the sum of those:
+    the KD method trains the rest of ``student.train.epochs``.
+    """
+
+    mode: str = "indistill"  # the default of every arm that does not set `warmup`: indistill | none
+    taps: list[str] | None = None  # student stage taps, shallow to deep (default: all paired stage taps)
     pairs: dict[str, str] | None = None  # teacher tap -> student tap (default: stage taps with the same name)
     a: int = 2
     phase_epochs: list[int] | None = None
-    epochs: int = 15  # total warmup epochs, embedding phase included
+    embedding_epochs: int = 0  # 0: the KD method itself follows the tap phases (the reference)
     tap_loss: str = "mse"
-    embedding_loss: str = "pkt"  # pkt | pkt_original | none
+    embedding_loss: str = "pkt"  # pkt | pkt_original
     importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
     resize: str | None = None  # None | avgpool (opt-in when spatial sizes differ)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
 
 
 @dataclass
 class KDSpec:
-    """Stage 2: the baseline KD method (``indistill methods`` lists them)."""
+    """Defaults of every arm: ``method`` for arms that name none; ``params`` keyed by method name
+    (``params: {dkd: {beta: 8}, pkt: {variant: original}}``), so parameters belong to their method."""
 
     method: str = "pkt"
-    params: dict[str, Any] = field(default_factory=dict)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=10))
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
 class ArmSpec:
-    """One student variant trained from the same teacher (and auxiliary)."""
+    """One student variant trained from the same teacher (and auxiliary).
+
+    Unset fields inherit the top-level defaults: ``warmup`` from ``warmup.mode``,
+    ``method`` from ``kd.method``, ``params`` from ``kd.params[method]``.
+    """
 
     name: str = "student"
-    warmup: str = "indistill"  # indistill | none
-    method: str = "pkt"  # any KD method, or "ce" for cross-entropy only
-    params: dict[str, Any] = field(default_factory=dict)
+    warmup: str | None = None  # indistill | none
+    method: str | None = None  # any registered KD method, `ce` included
+    params: dict[str, Any] | None = None
+
+
+@dataclass
+class LoggingSpec:
+    tensorboard: bool = False  # also write TensorBoard events to <run>/tb (pip install 'indistill[tensorboard]')
 
 
 @dataclass
@@ -134,6 +160,7 @@ class EvalSpec:
     metrics: list[str] = field(default_factory=lambda: ["cosine", "euclidean"])
     protocols: list[str] = field(default_factory=lambda: ["standard", "reference"])
     ks: list[int] = field(default_factory=lambda: [1, 10, 100])
+    sources: bool = True  # also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)
 
 
 @dataclass
@@ -156,12 +183,15 @@ class Config:
         optimizer=OptimizerSpec(lr=2e-3), scheduler=SchedulerSpec(name="cosine")))
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)
-    student: ModelSpec = field(default_factory=ModelSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
     warmup: WarmupSpec = field(default_factory=WarmupSpec)
     kd: KDSpec = field(default_factory=KDSpec)
     arms: list[ArmSpec] = field(default_factory=list)
-    budget: str = "equal"  # equal: arms without warmup train warmup.epochs more KD epochs
     evaluate: EvalSpec = field(default_factory=EvalSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    # Stop a stage whose epoch loss exceeds this factor of its phase's first epoch (an exploded but finite
+    # loss), keeping the last good checkpoint, as a non-finite loss does. 0 disables the check.
+    loss_guard: float = 1e4
 
     @property
     def run_dir(self) -> Path:
@@ -170,16 +200,16 @@ class Config:
 
 _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("Config", "precision"): ("fp32", "bf16", "fp16"),
-    ("Config", "budget"): ("equal", "kd_only"),
+    ("StudentSpec", "kd_boundary"): ("keep", "reset"),
     ("OptimizerSpec", "name"): ("adam", "adamw", "sgd"),
     ("SchedulerSpec", "name"): ("none", "multistep", "cosine"),
     ("WarmupSpec", "mode"): ("indistill", "none"),
     ("WarmupSpec", "tap_loss"): ("mse",),
-    ("WarmupSpec", "embedding_loss"): ("pkt", "pkt_original", "none"),
+    ("WarmupSpec", "embedding_loss"): ("pkt", "pkt_original"),
     ("WarmupSpec", "importance"): ("l1", "group"),
     ("WarmupSpec", "resize"): (None, "avgpool"),
     ("AuxiliarySpec", "pkt_variant"): ("reference", "original"),
-    ("ArmSpec", "warmup"): ("indistill", "none"),
+    ("ArmSpec", "warmup"): (None, "indistill", "none"),
     ("EvalSpec", "metrics"): ("cosine", "euclidean"),
     ("EvalSpec", "protocols"): ("standard", "reference"),
 }
@@ -340,8 +370,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = str(p)
     tree = _normalise(tree)
     if overrides:
-        tree = _merge(tree, _normalise(parse_overrides(overrides)))
+        extra = _normalise(parse_overrides(overrides))
+        _check_shadowed(tree, extra)
+        tree = _merge(tree, extra)
     return from_dict(Config, tree, where)
+
+
+def _check_shadowed(tree: dict[str, Any], extra: dict[str, Any]) -> None:
+    """An override of an arm default (``warmup=none``, ``kd.method=dkd``, ``kd.params.M.x=...``) applies to
+    every arm that does not set its own value; when every arm it could reach sets its own, it would change
+    nothing, silently: that is an error naming the arms that shadow it."""
+    arms = tree.get("arms") if "arms" not in extra else None
+    if not isinstance(arms, list):
+        return
+    w, k = extra.get("warmup"), extra.get("kd")
+    checks = []
+    if isinstance(w, dict) and "mode" in w:
+        checks.append(("warmup", f"warmup={w['mode']}", lambda a: a.get("warmup") is not None))
+    if isinstance(k, dict) and "method" in k:
+        checks.append(("method", f"kd.method={k['method']}", lambda a: a.get("method") is not None))
+    if isinstance(k, dict) and isinstance(k.get("params"), dict):
+        for m in k["params"]:
+            checks.append(("params", f"kd.params.{m}",
+                           lambda a, m=m: a.get("params") is not None and (a.get("method") or "") == m))
+    for key, shown, sets_own in checks:
+        own = [str(a.get("name", "?")) for a in arms if isinstance(a, dict) and sets_own(a)]
+        reached = [a for a in arms if isinstance(a, dict) and not sets_own(a)]
+        if key == "params":  # kd.params.M reaches the arms whose (inherited) method is M
+            m = shown.split(".", 2)[2]
+            top = (extra.get("kd") or {}).get("method") or (tree.get("kd") or {}).get("method") or "pkt"
+            reached = [a for a in reached if (a.get("method") or top) == m]
+        if own and not reached:
+            raise UserError(
+                f"override {shown} is shadowed by arm{'s' if len(own) > 1 else ''} {', '.join(own)}, which set "
+                f"their own {key}; override the arm list instead (arms=[...]) or drop {key} from those arms"
+            )
+
+
+def resolve_arms(cfg: Config) -> list[ArmSpec]:
+    """The arms with every field filled from the top-level defaults (one arm named ``student`` if none)."""
+    arms = list(cfg.arms) or [ArmSpec(name="student")]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise UserError(f"arms need distinct names, got {names}")
+    out = []
+    for a in arms:
+        method = a.method or cfg.kd.method
+        params = a.params if a.params is not None else cfg.kd.params.get(method, {})
+        if not isinstance(params, dict):
+            raise UserError(f"kd.params.{method} must be a mapping of parameters, got {params!r}")
+        out.append(ArmSpec(name=a.name, warmup=a.warmup or cfg.warmup.mode, method=method, params=dict(params)))
+    return out
 
 
 def dump_config(cfg: Config) -> str:

@@ -63,9 +63,11 @@ def default_schedule(
     tap_loss: str = "mse",
     embedding_tap: str = "embedding",
     embedding_loss: str | None = "pkt",
+    embedding_epochs: int | None = None,
 ) -> Schedule:
     """METHOD.md's default: ``taps[k-1]`` with ``tap_loss`` for ``a + k`` epochs, then the embedding
-    with ``embedding_loss`` for ``total_epochs - sum(...)`` epochs (none if that is 0 or the loss is None)."""
+    with ``embedding_loss`` for ``embedding_epochs`` epochs, or (given ``total_epochs`` instead) for
+    ``total_epochs - sum(...)`` epochs; no embedding phase if that is 0 or the loss is None."""
     if phase_epochs is not None:
         if len(phase_epochs) != len(taps):
             raise UserError(
@@ -77,6 +79,12 @@ def default_schedule(
         epochs = [a + k for k in range(1, len(taps) + 1)]
     phases: list[tuple[str, str, int]] = [(t, tap_loss, e) for t, e in zip(taps, epochs)]
     used = sum(epochs)
+    if embedding_epochs is not None:
+        if embedding_epochs < 0:
+            raise UserError(f"warmup.embedding_epochs={embedding_epochs} is negative; use 0 or more")
+        if embedding_epochs and embedding_loss not in (None, "none"):
+            phases.append((embedding_tap, embedding_loss, int(embedding_epochs)))
+        return Schedule(phases)
     if total_epochs is not None and embedding_loss not in (None, "none"):
         rest = total_epochs - used
         if rest < 0:

@@ -10,6 +10,7 @@ same weights as an uninterrupted run (bit-identical on CPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -98,20 +99,69 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def get_logger(run_dir: Path) -> logging.Logger:
-    """A logger writing to ``run_dir/log.txt`` and stderr (one per run directory)."""
-    logger = logging.getLogger(f"indistill.run.{run_dir.resolve()}")
+def get_logger(run_dir: Path, *, to_file: bool = True) -> logging.Logger:
+    """A logger writing to stderr and (``to_file``) ``run_dir/log.txt``, one per run directory.
+
+    A pipeline logs to stderr only until its run directory is claimed, so a failed start writes nothing;
+    a later call with ``to_file=True`` adds the file.
+    """
+    logger = logging.getLogger(f"indistill.run.{Path(run_dir).resolve()}")
     if not logger.handlers:
-        run_dir.mkdir(parents=True, exist_ok=True)
         logger.setLevel(logging.INFO)
-        fh = logging.FileHandler(run_dir / "log.txt")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(fh)
         logger.addHandler(sh)
         logger.propagate = False
+    has_file = any(isinstance(h, logging.FileHandler) for h in logger.handlers)
+    if to_file and not has_file:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / "log.txt")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(fh)
     return logger
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A seed that depends only on ``(seed, key)``: every random draw at a stage's start (its extra
+    modules' init, its global RNG) comes from it, whether earlier stages trained in this process or not."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, digest])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Callback:
+    """Hooks into the engine's loop; subclass and override what you need."""
+
+    def on_epoch_end(self, stage: "Stage", row: dict[str, Any]) -> None:
+        """Called after every epoch with the metrics row (already written to ``metrics.jsonl``)."""
+
+    def on_stage_end(self, stage: "Stage", summary: dict[str, Any]) -> None:
+        """Called once when a stage finishes training (not when it is loaded as already finished)."""
+
+    def close(self) -> None:
+        """Release resources (files, writers)."""
+
+
+class TensorBoardLogger(Callback):
+    """Scalars of every epoch row to ``<run_dir>/tb`` (``logging.tensorboard: true``)."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "logging.tensorboard=true needs the tensorboard package; pip install 'indistill[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def on_epoch_end(self, stage: "Stage", row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.writer.add_scalar(f"{stage.name}/{k}", v, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 @dataclass
@@ -124,6 +174,9 @@ class Stage:
     (teachers) are kept in eval mode. ``loss_fn(batch, epoch)`` returns named,
     weighted loss terms; their sum is minimised. ``phase(epoch)`` names the
     curriculum phase for the logs; ``evaluate(epoch)`` returns metrics to log.
+    ``reset_optimizer_at`` lists epochs (0-based) at whose start the optimizer's
+    state (moments) is cleared. ``meta`` is stored in the final checkpoint
+    (architecture, dataset, ...), so the checkpoint knows what it holds.
     """
 
     name: str
@@ -136,11 +189,29 @@ class Stage:
     scheduler: SchedulerSpec | None = None
     phase: Callable[[int], str] | None = None
     evaluate: Callable[[int], dict[str, float]] | None = None
+    eval_epochs: Callable[[int], bool] | None = None  # which epochs may evaluate (default: all)
+    reset_optimizer_at: Sequence[int] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TrainState:
+    """What :meth:`Engine.begin` sets up for a stage: optimizer, schedule, scaler and where to start."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    start_epoch: int
+    loss_ref: dict[str, float] = field(default_factory=dict)  # first-epoch loss per phase (the loss guard)
+
+
 class Engine:
-    """Runs stages over one dataset's ``train`` split, writing into ``run_dir``."""
+    """Runs stages over one dataset's ``train`` split, writing into ``run_dir``.
+
+    Public API: :meth:`fit` (the whole stage, resumable), or :meth:`begin` +
+    :meth:`run_epoch` + :meth:`end_epoch` + :meth:`finish` for callers that
+    drive the loop themselves (benchmarks).
+    """
 
     def __init__(
         self,
@@ -154,9 +225,10 @@ class Engine:
         seed: int = 0,
         progress: bool = True,
         logger: logging.Logger | None = None,
+        callbacks: Sequence[Callback] = (),
+        loss_guard: float = 0.0,
     ):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.train_split = train_split
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -166,10 +238,12 @@ class Engine:
         self.progress = progress
         self.log = logger or get_logger(self.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.callbacks = list(callbacks)
+        self.loss_guard = float(loss_guard)
 
     # -- paths -------------------------------------------------------------
     def checkpoint_path(self, stage_name: str) -> Path:
-        """The finished stage's checkpoint (``{"model": state_dict, ...}``)."""
+        """The finished stage's checkpoint (``{"model": state_dict, "meta": ..., ...}``)."""
         return self.run_dir / "checkpoints" / f"{stage_name}.pt"
 
     def _last_path(self, stage_name: str) -> Path:
@@ -202,74 +276,142 @@ class Engine:
         return list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def _drop_metrics_after(self, stage_name: str, epoch: int) -> None:
+        """On resume, forget rows of epochs the checkpoint does not hold (a kill between row and checkpoint)."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut by a kill mid-write
+            if not (row.get("stage") == stage_name and int(row.get("epoch", 0)) > epoch):
+                keep.append(line)
+        if len(keep) != len(lines):
+            from .checkpoint import atomic_write_text
+
+            atomic_write_text(self.metrics_path, "".join(x + "\n" for x in keep))
 
     # -- the loop ----------------------------------------------------------
     def fit(self, stage: Stage) -> dict[str, Any]:
         """Train ``stage`` to completion (or load it if already finished); returns its summary."""
+        try:
+            return self._fit(stage)
+        finally:
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()
+
+    def _fit(self, stage: Stage) -> dict[str, Any]:
         final = self.checkpoint_path(stage.name)
-        params = self.prepare_stage(stage)
         if final.is_file():
+            self.prepare_stage(stage)
             ckpt = safe_load(final, map_location=self.device)
             stage.model.load_state_dict(ckpt["model"])
             if stage.extra is not None and "extra" in ckpt:
                 stage.extra.load_state_dict(ckpt["extra"])
             self.log.info(f"[{stage.name}] already finished: loaded {final}")
             return dict(ckpt.get("summary", {}))
+        state = self.begin(stage)
+        summary: dict[str, Any] = {}
+        for epoch in range(state.start_epoch, stage.train.epochs):
+            row = self.run_epoch(stage, epoch, state)
+            summary = self.end_epoch(stage, epoch, state, row)
+        return self.finish(stage, summary)
 
+    def begin(self, stage: Stage) -> TrainState:
+        """Prepare the stage: device, optimizer, schedule, scaler; resume from its last epoch if one was saved."""
+        params = self.prepare_stage(stage)
         epochs = stage.train.epochs
         opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
         sched = build_scheduler(opt, stage.scheduler or stage.train.scheduler, epochs)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        start = 0
+        state = TrainState(opt, sched, scaler, 0)
         last = self._last_path(stage.name)
         if last.is_file():
-            state = safe_load(last, map_location=self.device)
-            stage.model.load_state_dict(state["model"])
+            ck = safe_load(last, map_location=self.device)
+            stage.model.load_state_dict(ck["model"])
             if stage.extra is not None:
-                stage.extra.load_state_dict(state["extra"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            start = int(state["epoch"])
-            self.log.info(f"[{stage.name}] resuming after epoch {start}/{epochs} from {last}")
+                stage.extra.load_state_dict(ck["extra"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            _set_rng_state(ck["rng"])
+            state.start_epoch = int(ck["epoch"])
+            state.loss_ref = dict(ck.get("loss_ref", {}))
+            self._drop_metrics_after(stage.name, state.start_epoch)
+            self.log.info(f"[{stage.name}] resuming after epoch {state.start_epoch}/{epochs} from {last}")
         else:
-            seed_everything(self.seed)
+            seed_everything(derive_seed(self.seed, stage.name))
+            self._drop_metrics_after(stage.name, 0)
+        return state
 
-        summary: dict[str, Any] = {}
-        for epoch in range(start, epochs):
-            row = self._epoch(stage, epoch, opt, scaler)
-            sched.step()
-            if stage.evaluate is not None and stage.train.eval_every and (
-                (epoch + 1) % stage.train.eval_every == 0 or epoch + 1 == epochs
-            ):
-                row.update(stage.evaluate(epoch))
-            self._write_metrics(row)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
-            self.log.info(f"[{stage.name}] epoch {epoch + 1}/{epochs} {row.get('phase', '')} {shown}")
-            summary = row
-            atomic_save(
-                {
-                    "model": stage.model.state_dict(),
-                    "extra": stage.extra.state_dict() if stage.extra is not None else {},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": _rng_state(),
-                    "epoch": epoch + 1,
-                },
-                last,
-            )
-        out = {"model": stage.model.state_dict(), "summary": summary, "stage": stage.name, "epochs": epochs}
+    def end_epoch(self, stage: Stage, epoch: int, state: TrainState, row: dict[str, Any]) -> dict[str, Any]:
+        """Step the schedule, evaluate if due, guard the loss, log the row and checkpoint the epoch."""
+        epochs = stage.train.epochs
+        state.scheduler.step()
+        self._guard(stage, epoch, state, row)
+        every = stage.train.eval_every
+        due = every and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
+        if stage.evaluate is not None and due and (stage.eval_epochs is None or stage.eval_epochs(epoch)):
+            row.update(stage.evaluate(epoch))
+        self._write_metrics(row)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        self.log.info(f"[{stage.name}] epoch {epoch + 1}/{epochs} {row.get('phase', '')} {shown}")
+        atomic_save(
+            {
+                "model": stage.model.state_dict(),
+                "extra": stage.extra.state_dict() if stage.extra is not None else {},
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "rng": _rng_state(),
+                "epoch": epoch + 1,
+                "loss_ref": state.loss_ref,
+            },
+            self._last_path(stage.name),
+        )
+        for cb in self.callbacks:
+            cb.on_epoch_end(stage, row)
+        return row
+
+    def finish(self, stage: Stage, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write the finished stage's checkpoint (with ``meta``) and drop its per-epoch one."""
+        out = {"model": stage.model.state_dict(), "summary": summary, "stage": stage.name,
+               "epochs": stage.train.epochs, "meta": dict(stage.meta)}
         if stage.extra is not None:
             out["extra"] = stage.extra.state_dict()
-        atomic_save(out, final)
-        last.unlink(missing_ok=True)
+        atomic_save(out, self.checkpoint_path(stage.name))
+        self._last_path(stage.name).unlink(missing_ok=True)
+        for cb in self.callbacks:
+            cb.on_stage_end(stage, summary)
         return summary
 
-    def _epoch(self, stage: Stage, epoch: int, opt: torch.optim.Optimizer, scaler) -> dict[str, Any]:
+    def _guard(self, stage: Stage, epoch: int, state: TrainState, row: dict[str, Any]) -> None:
+        """Stop a stage whose loss exploded (finite but ``loss_guard`` x its phase's first epoch)."""
+        if not self.loss_guard:
+            return
+        key = str(row.get("phase", ""))
+        loss = float(row.get("loss", 0.0))
+        ref = state.loss_ref.setdefault(key, loss)
+        if abs(loss) > self.loss_guard * max(abs(ref), 1e-8):
+            raise UserError(
+                f"[{stage.name}] loss exploded at epoch {epoch + 1}: {loss:.3g}, {abs(loss / (ref or 1e-8)):.3g}x its "
+                f"first epoch's {ref:.3g}; lower the learning rate (or raise loss_guard); the last good epoch is kept"
+            )
+
+    def run_epoch(self, stage: Stage, epoch: int, state: TrainState, split: Split | None = None) -> dict[str, Any]:
+        """One epoch of ``stage`` over ``split`` (default: the engine's train split); returns its metrics row."""
+        opt, scaler = state.optimizer, state.scaler
+        if epoch in stage.reset_optimizer_at:
+            opt.state.clear()
+        split = split or self.train_split
         stage.model.train()
         if stage.extra is not None:
             stage.extra.train()
@@ -278,10 +420,10 @@ class Engine:
         totals: dict[str, float] = {}
         n_seen = 0
         t0 = time.perf_counter()
-        batches = self.train_split.batches(
+        batches = split.batches(
             self.batch_size, shuffle=True, seed=self.seed, epoch=epoch, device=self.device, drop_last=False
         )
-        total = self.train_split.num_batches(self.batch_size)
+        total = split.num_batches(self.batch_size)
         bar = tqdm(
             batches, total=total, desc=f"{stage.name} {epoch + 1}/{stage.train.epochs}", leave=False,
             disable=not self.progress or not sys.stderr.isatty(), dynamic_ncols=True,

@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
+from .checkpoint import atomic_write_json, atomic_write_text
 from .config import Config, to_dict
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip('.') or 'png')
+    os.replace(tmp, path)
 
 
 def machine_info() -> dict[str, Any]:
@@ -81,7 +89,7 @@ def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard
             ax.legend(fontsize=7)
     fig.tight_layout()
     if drawn:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path if drawn else None
 
@@ -102,29 +110,50 @@ def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:
             stages.setdefault(row["stage"], []).append(row)
     paths = []
     for stage, rows in stages.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
         epochs = [r["epoch"] for r in rows]
+        _shade_phases(ax, rows)
         keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
         for k in keys:
-            ax.plot(epochs, [r.get(k, float("nan")) for r in rows], label=k[5:])
+            # markers: a 1-epoch phase is one point and would vanish as a line
+            ax.plot(epochs, [r.get(k, float("nan")) for r in rows], marker="o", ms=3, label=k[5:])
         ax.set(xlabel="epoch", ylabel="loss", title=stage, yscale="log")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper right")
         if any("test_top1" in r for r in rows):
             ax2 = ax.twinx()
             ax2.plot([r["epoch"] for r in rows if "test_top1" in r], [r["test_top1"] for r in rows if "test_top1" in r],
-                     "k--", label="test top-1")
+                     "k--", marker=".", label="test top-1")
             ax2.set_ylabel("test top-1 (%)")
         fig.tight_layout()
         p = out_dir / f"train_{stage.replace('.', '_')}.png"
-        fig.savefig(p, dpi=110)
+        save_figure(fig, p)
         plt.close(fig)
         paths.append(p)
     return paths
 
 
+def _shade_phases(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Shade contiguous runs of the same curriculum phase (epoch e spans [e - 0.5, e + 0.5])."""
+    spans: list[tuple[str, int, int]] = []
+    for r in rows:
+        ph = str(r.get("phase", ""))
+        if spans and spans[-1][0] == ph and spans[-1][2] == r["epoch"] - 1:
+            spans[-1] = (ph, spans[-1][1], r["epoch"])
+        else:
+            spans.append((ph, r["epoch"], r["epoch"]))
+    if len({p for p, _, _ in spans}) < 2:
+        return
+    colours = ["#dde8f7", "#f7e6d5", "#e0f2dc", "#f1dcef", "#f4f1d2", "#e4e4e4"]
+    names = list(dict.fromkeys(p for p, _, _ in spans))
+    for ph, a, b in spans:
+        ax.axvspan(a - 0.5, b + 0.5, color=colours[names.index(ph) % len(colours)], alpha=0.8, lw=0)
+        ax.text((a + b) / 2, 1.0, ph.split(":", 1)[-1], transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=6, rotation=30)
+
+
 def write_report(
     run_dir: str | Path, models: dict[str, Any], *, cfg: Config | None = None, command: str = "",
-    wall_time_s: float | None = None,
+    wall_time_s: float | None = None, data_source: str | None = None,
 ) -> dict[str, Any]:
     """Write results.json, results.md and plots/ into ``run_dir``; return the results dict."""
     run_dir = Path(run_dir)
@@ -135,9 +164,10 @@ def write_report(
         "machine": machine_info(),
         "wall_time_s": wall_time_s,
         "config": to_dict(cfg) if cfg is not None else None,
+        "data_source": data_source,
         "models": models,
     }
-    (run_dir / "results.json").write_text(json.dumps(out, indent=1))
+    atomic_write_json(run_dir / "results.json", out)
     pr = plot_pr_curves(models, plots / "pr_curves.png")
     train_plots = plot_training(run_dir / "metrics.jsonl", plots)
     protocols = protocols_in(models)
@@ -158,5 +188,5 @@ def write_report(
     if pr:
         md += [f"![precision-recall]({pr.relative_to(run_dir)})", ""]
     md += [f"Training curves: {', '.join(str(p.relative_to(run_dir)) for p in train_plots)}", ""]
-    (run_dir / "results.md").write_text("\n".join(md))
+    atomic_write_text(run_dir / "results.md", "\n".join(md))
     return out

@@ -5,7 +5,8 @@ The functional losses are re-exported for reuse (``pkt_loss`` drives the
 InDistill warmup's embedding phase and the teacher -> auxiliary stage).
 """
 
-from .base import Method, MethodContext, create_method, list_methods, method_params, register_method
+from .base import Method, MethodContext, create_method, get_method_class, list_methods, method_params, register_method
+from .ce import CE
 from .kd import KD, kd_loss
 from .fitnet import FitNet
 from .at import AT, at_loss, attention_map
@@ -21,6 +22,8 @@ __all__ = [
     "Method",
     "MethodContext",
     "create_method",
+    "get_method_class",
+    "CE",
     "list_methods",
     "method_params",
     "register_method",

@@ -51,8 +51,11 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    #: taps read from student/teacher: any of "logits", "embedding", "stages"
+    #: taps read from student/teacher: any of "logits", "embedding", "stages"; only these are
+    #: attached and paired (a logit-only method works on any pair of models with logits)
     uses: ClassVar[tuple[str, ...]] = ("logits",)
+    #: False for methods that read no teacher tap (``ce``): the teacher is then not run at all
+    needs_teacher: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
@@ -99,12 +102,17 @@ def method_params(cls: type[Method]) -> dict[str, Any]:
     }
 
 
-def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | None = None) -> Method:
-    """Build a registered method; unknown names or parameters raise a one-line ``UserError``."""
+def get_method_class(name: str) -> type[Method]:
+    """The registered class of ``name``; an unknown name is a one-line ``UserError``."""
     _load()
     if name not in _METHODS:
         raise UserError(f"unknown KD method '{name}'{suggest(name, _METHODS)}; see `indistill methods`")
-    cls = _METHODS[name]
+    return _METHODS[name]
+
+
+def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | None = None) -> Method:
+    """Build a registered method; unknown names or parameters raise a one-line ``UserError``."""
+    cls = get_method_class(name)
     allowed = method_params(cls)
     params = dict(params or {})
     unknown = [k for k in params if k not in allowed]
@@ -114,6 +122,6 @@ def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | Non
         raise UserError(
             f"method '{name}' has no parameter{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(k) for k in unknown)}{hints}; its parameters: {', '.join(allowed) or 'none'} "
-            f"(kd.params must belong to kd.method)"
+            f"(parameters belong to their method: kd.params.{name}.<param> or the arm's params)"
         )
     return cls(ctx, **params)

@@ -1,0 +1,98 @@
+"""The InDistill warmup as one object: the pruned source, the curriculum and the per-phase loss.
+
+:func:`build_warmup` is the one factory that ``indistill run``, ``indistill
+validate`` and ``indistill prune`` all call, so the channels ``prune`` shows are
+the ones a run distils from. :class:`InDistillWarmup` is shaped like a KD
+method: ``forward(student_feats, batch, epoch)`` returns named loss terms for
+the phase active in that (0-based, arm-relative) epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import WarmupSpec
+from .curriculum import Schedule, default_schedule
+from .data.base import Batch
+from .errors import UserError
+from .methods import pkt_loss
+from .models import model_taps
+from .pairing import pair_stage_taps, stage_taps
+from .prune import PrunedTeacher, prune_to_student
+
+
+class InDistillWarmup(nn.Module):
+    """The curriculum over a pruned source: exactly one tap's loss per epoch, shallow to deep."""
+
+    def __init__(self, pruned: PrunedTeacher, schedule: Schedule):
+        super().__init__()
+        self.pruned = pruned
+        self.schedule = schedule
+
+    @property
+    def epochs(self) -> int:
+        """How many of the arm's first epochs the warmup occupies."""
+        return self.schedule.total
+
+    @property
+    def student_taps(self) -> list[str]:
+        """The student taps the phases read (the embedding included if it has a phase)."""
+        return list(dict.fromkeys(p.tap for p in self.schedule))
+
+    def phase_name(self, epoch: int) -> str:
+        p = self.schedule.phase_at(epoch)
+        return f"{p.tap}:{p.loss}"
+
+    def table(self) -> list[dict[str, Any]]:
+        """The pruning table (one row per pair) of the source."""
+        return self.pruned.table()
+
+    def prune_record(self) -> dict[str, Any]:
+        """What ``prune_<arm>.json`` holds: the table, the kept channels and the schedule."""
+        return {
+            "rows": self.pruned.table(),
+            "kept": {k: v.tolist() for k, v in self.pruned.kept.items()},
+            "schedule": [{"tap": p.tap, "loss": p.loss, "epochs": p.epochs, "start": p.start} for p in self.schedule],
+        }
+
+    def forward(self, student: Mapping[str, torch.Tensor], batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
+        """The active phase's loss between the student's tap and the pruned source's target."""
+        phase = self.schedule.phase_at(epoch)
+        with torch.no_grad():
+            target = self.pruned(batch.images)
+        s = student[phase.tap]
+        if phase.loss == "mse":
+            return {f"mse/{phase.tap}": F.mse_loss(s.flatten(1), target[phase.tap].flatten(1))}
+        variant = "original" if phase.loss == "pkt_original" else "reference"
+        return {f"pkt/{phase.tap}": pkt_loss(s, target["embedding"], variant=variant)}
+
+
+def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str]) -> Schedule:
+    """The curriculum of ``spec`` over the student taps paired in ``pairs`` (student order)."""
+    taps = spec.taps or [s for s in stage_taps(student) if s in pairs.values()]
+    missing = [t for t in taps if t not in pairs.values()]
+    if missing:
+        raise UserError(f"warmup.taps {missing} have no teacher tap paired in warmup.pairs; pair them or drop them")
+    return default_schedule(
+        taps, a=spec.a, phase_epochs=spec.phase_epochs, tap_loss=spec.tap_loss,
+        embedding_loss=spec.embedding_loss, embedding_epochs=spec.embedding_epochs,
+    )
+
+
+def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_shape: tuple[int, ...]) -> InDistillWarmup:
+    """Pair the taps, build the schedule and prune ``source`` (teacher or auxiliary) to the student's widths."""
+    if "embedding" not in model_taps(source) and spec.embedding_epochs:
+        raise UserError("the warmup's embedding phase needs an 'embedding' tap on the teacher; name it in its taps")
+    pairs = pair_stage_taps(source, student, spec.pairs)
+    schedule = warmup_schedule(spec, student, pairs)
+    used = {p.tap for p in schedule}
+    pruned = prune_to_student(
+        source, student, {t: s for t, s in pairs.items() if s in used}, importance=spec.importance,
+        producers=spec.producers or None, input_shape=input_shape, resize=spec.resize,
+    )
+    return InDistillWarmup(pruned, schedule)
