@@ -30,7 +30,7 @@ WRNS = [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2), (40, 4)]
 # Written by hand from each architecture. CIFAR models at 32x32, torchvision models at 64x64:
 # their stem (stride 2 conv + stride 2 pool) leaves 16x16 for stage 1, then /2 per stage.
 EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
-    # 32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 6 -conv-> 4 -pool-> 2; the embedding is fc2's width.
+    # 32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 6 -conv-> 4 -pool-> 2; the embedding is fc1's width.
     "cnn32": {**_table((16, 15, 15), (32, 6, 6), (64, 2, 2)), "embedding": (128,)},
     "cnn32_small": {**_table((8, 15, 15), (16, 6, 6), (32, 2, 2)), "embedding": (64,)},
     **{f"resnet{d}": _cifar3(16, 32, 64) for d in (8, 14, 20, 32, 44, 56, 110)},
@@ -120,12 +120,16 @@ def _count_vgg(blocks: list[list[int]], classes: int) -> int:
     return total + cin * classes + classes
 
 
-def _count_cnn(widths: tuple[int, int, int], fc: tuple[int, int], classes: int) -> int:
-    total, cin = 0, 3
+def _count_cnn(widths: tuple[int, int, int], fc: tuple[int, ...], classes: int, in_ch: int = 3, side: int = 2) -> int:
+    total, cin = 0, in_ch
     for w in widths:
         total += _conv(cin, w, 3, bias=True) + _bn(w)
         cin = w
-    return total + (cin * 4 * fc[0] + fc[0]) + (fc[0] * fc[1] + fc[1]) + (fc[1] * classes + classes)
+    cin *= side * side
+    for width in (*fc, classes):  # hidden layers, then the classifier
+        total += cin * width + width
+        cin = width
+    return total
 
 
 def _params(name: str, classes: int, **kw) -> int:
@@ -143,8 +147,8 @@ def _params(name: str, classes: int, **kw) -> int:
         ("wrn_40_2", _count_wrn(40, 2, 100)),
         ("vgg8", _count_vgg([[64], [128], [256], [512], [512]], 100)),
         ("vgg13", _count_vgg([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], 100)),
-        ("cnn32", _count_cnn((16, 32, 64), (256, 128), 100)),
-        ("cnn32_small", _count_cnn((8, 16, 32), (128, 64), 100)),
+        ("cnn32", _count_cnn((16, 32, 64), (128,), 100)),
+        ("cnn32_small", _count_cnn((8, 16, 32), (64,), 100)),
     ],
 )
 def test_exact_parameter_counts(name: str, expected: int):
@@ -187,11 +191,66 @@ def test_half_width_resnet20():
     assert _params("resnet20", 10, widths=(8, 16, 32)) == _count_cifar_resnet(20, 8, (8, 16, 32), 10)
 
 
+# The authors' Cnn32 / Cnn32_Small (METHOD.md): one hidden layer. Their counts for 10 classes.
+@pytest.mark.parametrize(
+    "name,in_ch,expected",
+    [("cnn32", 3, 57_994), ("cnn32", 1, 57_706), ("cnn32_small", 3, 15_050), ("cnn32_small", 1, 14_906)],
+)
+def test_cnn_parameter_counts_match_the_authors(name: str, in_ch: int, expected: int):
+    widths, fc = ((16, 32, 64), (128,)) if name == "cnn32" else ((8, 16, 32), (64,))
+    assert _count_cnn(widths, fc, 10, in_ch) == expected
+    assert _params(name, 10, in_channels=in_ch) == expected
+    model = create_model(name, num_classes=10, in_channels=in_ch)
+    assert [n for n, m in model.named_children() if isinstance(m, nn.Linear)] == ["fc1", "fc2"]
+
+
+def test_cnn_two_hidden_layer_head_is_an_option():
+    # The former default head (fc 256-128 / 128-64) stays available; its classifier is fc3.
+    model = create_model("cnn32", num_classes=10, in_channels=1, fc=(256, 128))
+    assert _params("cnn32", 10, in_channels=1, fc=(256, 128)) == _count_cnn((16, 32, 64), (256, 128), 10, 1) == 123_498
+    assert _params("cnn32_small", 10, in_channels=1, fc=(128, 64)) == 31_418
+    taps = model_taps(model)
+    assert taps["embedding"] == "fc3:in"
+    assert tap_shapes(model, taps, (1, 32, 32))["embedding"] == (128,)
+    with pytest.raises(UserError, match="fc must be 1 or 2"):
+        create_model("cnn32", num_classes=10, fc=(64, 32, 16))
+
+
+@torch.no_grad()
+def test_cnn_embedding_is_fc1_after_relu():
+    model = create_model("cnn32_small", num_classes=10).eval()
+    _randomize_bn(model)
+    x = torch.randn(3, 3, 32, 32)
+    with Taps(model, model_taps(model)) as taps:
+        logits, feats = taps(x)
+    flat = model.block3(model.block2(model.block1(x))).flatten(1)
+    torch.testing.assert_close(feats["embedding"], F.relu(F.linear(flat, model.fc1.weight, model.fc1.bias)))
+    torch.testing.assert_close(logits, F.linear(feats["embedding"], model.fc2.weight, model.fc2.bias))
+
+
 def test_cnn_on_28x28_inputs():
-    # Fashion-MNIST size: 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1.
+    # Fashion-MNIST unpadded: 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1, so fc1 reads 32 * 1 * 1 features.
     model = create_model("cnn32_small", num_classes=10, in_channels=1, input_size=28)
     shapes = tap_shapes(model, model_taps(model), (1, 28, 28))
-    assert shapes["stage3"] == (32, 1, 1) and model.fc1.in_features == 32
+    assert shapes["stage3"] == (32, 1, 1) and model.fc1.in_features == 32 and shapes["embedding"] == (64,)
+    assert _params("cnn32_small", 10, in_channels=1, input_size=28) == _count_cnn((8, 16, 32), (64,), 10, 1, side=1)
+
+
+@pytest.mark.parametrize("name", ["cnn32", "cnn32_small"])
+def test_cnn_loads_the_authors_state_dict_layout(name: str):
+    # The authors' files save net.state_dict() with keys conv{i}, conv{i}_bn, fc1, fc2 (models/cnn32*.py).
+    src = create_model(name, num_classes=10)
+    _randomize_bn(src)
+    theirs = {}
+    for key, value in src.state_dict().items():
+        for i in (1, 2, 3):
+            key = key.replace(f"block{i}.conv.", f"conv{i}.").replace(f"block{i}.bn.", f"conv{i}_bn.")
+        theirs[key] = value.clone()
+    assert {k.split(".")[0] for k in theirs} == {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv3", "conv3_bn", "fc1", "fc2"}
+    dst = create_model(name, num_classes=10)
+    dst.load_state_dict(theirs, strict=True)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
 
 
 # ---- block semantics, against functional re-implementations ----------------------------------
