@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from indistill.errors import UserError
-from indistill.models import Taps, create_model, list_models, model_taps, resolve_module, tap_shapes
+from indistill.models import Taps, create_model, list_models, model_aliases, model_taps, resolve_module, tap_shapes
 
 TORCHVISION = {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
 
@@ -30,7 +30,7 @@ WRNS = [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2), (40, 4)]
 # Written by hand from each architecture. CIFAR models at 32x32, torchvision models at 64x64:
 # their stem (stride 2 conv + stride 2 pool) leaves 16x16 for stage 1, then /2 per stage.
 EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
-    # 32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 6 -conv-> 4 -pool-> 2; the embedding is fc2's width.
+    # 32 -conv-> 30 -pool-> 15 -conv-> 13 -pool-> 6 -conv-> 4 -pool-> 2; the embedding is fc1's width.
     "cnn32": {**_table((16, 15, 15), (32, 6, 6), (64, 2, 2)), "embedding": (128,)},
     "cnn32_small": {**_table((8, 15, 15), (16, 6, 6), (32, 2, 2)), "embedding": (64,)},
     **{f"resnet{d}": _cifar3(16, 32, 64) for d in (8, 14, 20, 32, 44, 56, 110)},
@@ -38,7 +38,15 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "resnet32x4": _cifar3(64, 128, 256),
     **{f"wrn_{d}_{k}": _cifar3(16 * k, 32 * k, 64 * k) for d, k in WRNS},
     # VGG: pools after blocks 0-2 (16, 8, 4); no pool after block3 at 32x32, so block4 is 4x4.
-    **{v: _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4)) for v in ("vgg8", "vgg11", "vgg13")},
+    **{v: _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4)) for v in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    # 64-channel stem at stride 1, four stages; bottlenecks expand by 4.
+    "resnet18_cifar": _table((64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)),
+    "resnet50_cifar": _table((256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)),
+    # mobile_half: stride-2 stem; taps after blocks 1, 2, 4, 6 (24/32/96/160 channels halved); 1280-d conv2.
+    "mobilenetv2_cifar": {**_table((12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)), "embedding": (1280,)},
+    # ShuffleNets: stride-1 stem, every stage halves the map.
+    "shufflenet_v1": _table((240, 16, 16), (480, 8, 8), (960, 4, 4)),
+    "shufflenet_v2": {**_table((116, 16, 16), (232, 8, 8), (464, 4, 4)), "embedding": (1024,)},
     "preact_resnet18": _table((64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)),
     "resnet18": _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)),
     "resnet34": _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)),
@@ -47,7 +55,10 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "mobilenet_v2": _table((24, 16, 16), (32, 8, 8), (96, 4, 4), (1280, 2, 2)),
 }
 
-GRAYSCALE = {"cnn32", "resnet20", "wrn_16_1", "vgg8", "preact_resnet18", "resnet18", "mobilenet_v2"}
+GRAYSCALE = {
+    "cnn32", "resnet20", "wrn_16_1", "vgg8", "preact_resnet18", "resnet18", "mobilenet_v2",
+    "mobilenetv2_cifar", "shufflenet_v2",
+}
 
 
 def test_every_registered_model_has_an_expected_shape_table():
@@ -120,12 +131,16 @@ def _count_vgg(blocks: list[list[int]], classes: int) -> int:
     return total + cin * classes + classes
 
 
-def _count_cnn(widths: tuple[int, int, int], fc: tuple[int, int], classes: int) -> int:
-    total, cin = 0, 3
+def _count_cnn(widths: tuple[int, int, int], fc: tuple[int, ...], classes: int, in_ch: int = 3, side: int = 2) -> int:
+    total, cin = 0, in_ch
     for w in widths:
         total += _conv(cin, w, 3, bias=True) + _bn(w)
         cin = w
-    return total + (cin * 4 * fc[0] + fc[0]) + (fc[0] * fc[1] + fc[1]) + (fc[1] * classes + classes)
+    cin *= side * side
+    for width in (*fc, classes):  # hidden layers, then the classifier
+        total += cin * width + width
+        cin = width
+    return total
 
 
 def _params(name: str, classes: int, **kw) -> int:
@@ -143,8 +158,8 @@ def _params(name: str, classes: int, **kw) -> int:
         ("wrn_40_2", _count_wrn(40, 2, 100)),
         ("vgg8", _count_vgg([[64], [128], [256], [512], [512]], 100)),
         ("vgg13", _count_vgg([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], 100)),
-        ("cnn32", _count_cnn((16, 32, 64), (256, 128), 100)),
-        ("cnn32_small", _count_cnn((8, 16, 32), (128, 64), 100)),
+        ("cnn32", _count_cnn((16, 32, 64), (128,), 100)),
+        ("cnn32_small", _count_cnn((8, 16, 32), (64,), 100)),
     ],
 )
 def test_exact_parameter_counts(name: str, expected: int):
@@ -187,11 +202,66 @@ def test_half_width_resnet20():
     assert _params("resnet20", 10, widths=(8, 16, 32)) == _count_cifar_resnet(20, 8, (8, 16, 32), 10)
 
 
+# The authors' Cnn32 / Cnn32_Small (METHOD.md): one hidden layer. Their counts for 10 classes.
+@pytest.mark.parametrize(
+    "name,in_ch,expected",
+    [("cnn32", 3, 57_994), ("cnn32", 1, 57_706), ("cnn32_small", 3, 15_050), ("cnn32_small", 1, 14_906)],
+)
+def test_cnn_parameter_counts_match_the_authors(name: str, in_ch: int, expected: int):
+    widths, fc = ((16, 32, 64), (128,)) if name == "cnn32" else ((8, 16, 32), (64,))
+    assert _count_cnn(widths, fc, 10, in_ch) == expected
+    assert _params(name, 10, in_channels=in_ch) == expected
+    model = create_model(name, num_classes=10, in_channels=in_ch)
+    assert [n for n, m in model.named_children() if isinstance(m, nn.Linear)] == ["fc1", "fc2"]
+
+
+def test_cnn_two_hidden_layer_head_is_an_option():
+    # The former default head (fc 256-128 / 128-64) stays available; its classifier is fc3.
+    model = create_model("cnn32", num_classes=10, in_channels=1, fc=(256, 128))
+    assert _params("cnn32", 10, in_channels=1, fc=(256, 128)) == _count_cnn((16, 32, 64), (256, 128), 10, 1) == 123_498
+    assert _params("cnn32_small", 10, in_channels=1, fc=(128, 64)) == 31_418
+    taps = model_taps(model)
+    assert taps["embedding"] == "fc3:in"
+    assert tap_shapes(model, taps, (1, 32, 32))["embedding"] == (128,)
+    with pytest.raises(UserError, match="fc must be 1 or 2"):
+        create_model("cnn32", num_classes=10, fc=(64, 32, 16))
+
+
+@torch.no_grad()
+def test_cnn_embedding_is_fc1_after_relu():
+    model = create_model("cnn32_small", num_classes=10).eval()
+    _randomize_bn(model)
+    x = torch.randn(3, 3, 32, 32)
+    with Taps(model, model_taps(model)) as taps:
+        logits, feats = taps(x)
+    flat = model.block3(model.block2(model.block1(x))).flatten(1)
+    torch.testing.assert_close(feats["embedding"], F.relu(F.linear(flat, model.fc1.weight, model.fc1.bias)))
+    torch.testing.assert_close(logits, F.linear(feats["embedding"], model.fc2.weight, model.fc2.bias))
+
+
 def test_cnn_on_28x28_inputs():
-    # Fashion-MNIST size: 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1.
+    # Fashion-MNIST unpadded: 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1, so fc1 reads 32 * 1 * 1 features.
     model = create_model("cnn32_small", num_classes=10, in_channels=1, input_size=28)
     shapes = tap_shapes(model, model_taps(model), (1, 28, 28))
-    assert shapes["stage3"] == (32, 1, 1) and model.fc1.in_features == 32
+    assert shapes["stage3"] == (32, 1, 1) and model.fc1.in_features == 32 and shapes["embedding"] == (64,)
+    assert _params("cnn32_small", 10, in_channels=1, input_size=28) == _count_cnn((8, 16, 32), (64,), 10, 1, side=1)
+
+
+@pytest.mark.parametrize("name", ["cnn32", "cnn32_small"])
+def test_cnn_loads_the_authors_state_dict_layout(name: str):
+    # The authors' files save net.state_dict() with keys conv{i}, conv{i}_bn, fc1, fc2 (models/cnn32*.py).
+    src = create_model(name, num_classes=10)
+    _randomize_bn(src)
+    theirs = {}
+    for key, value in src.state_dict().items():
+        for i in (1, 2, 3):
+            key = key.replace(f"block{i}.conv.", f"conv{i}.").replace(f"block{i}.bn.", f"conv{i}_bn.")
+        theirs[key] = value.clone()
+    assert {k.split(".")[0] for k in theirs} == {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv3", "conv3_bn", "fc1", "fc2"}
+    dst = create_model(name, num_classes=10)
+    dst.load_state_dict(theirs, strict=True)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
 
 
 # ---- block semantics, against functional re-implementations ----------------------------------
@@ -236,7 +306,7 @@ def test_wrn_block_is_pre_activation_and_shortcut_reads_activated_input():
     x = torch.randn(2, 32, 8, 8)
     pre = F.relu(_bn_eval(x, block.bn1))
     h = F.relu(_bn_eval(F.conv2d(pre, block.conv1.weight, stride=2, padding=1), block.bn2))
-    expected = F.conv2d(h, block.conv2.weight, padding=1) + F.conv2d(pre, block.conv_shortcut.weight, stride=2)
+    expected = F.conv2d(h, block.conv2.weight, padding=1) + F.conv2d(pre, block.convShortcut.weight, stride=2)
     torch.testing.assert_close(block(x), expected)
     ident = model.block2.layer[1]
     x = torch.randn(2, 64, 4, 4)
@@ -267,6 +337,89 @@ def test_cnn_block_order_conv_bn_relu_pool():
     torch.testing.assert_close(b(x), expected)
 
 
+@pytest.mark.parametrize(
+    "alias,name",
+    [("mobile_half", "mobilenetv2_cifar"), ("MobileNetV2", "mobilenetv2_cifar"), ("ShuffleV1", "shufflenet_v1"),
+     ("ShuffleV2", "shufflenet_v2"), ("ResNet50", "resnet50_cifar"), ("ResNet18", "resnet18_cifar"),
+     ("vgg13_bn", "vgg13")],
+)
+def test_aliases_build_the_same_model(alias: str, name: str):
+    assert model_aliases()[alias] == name and alias not in list_models()
+    a, b = create_model(alias, num_classes=7), create_model(name, num_classes=7)
+    assert type(a) is type(b) and model_taps(a) == model_taps(b) and a.indistill_name == name
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_channel_shuffle_interleaves_groups():
+    from indistill.models.zoo.shufflenet import channel_shuffle
+
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+    assert channel_shuffle(x, 3).flatten().tolist() == [0, 2, 4, 1, 3, 5]
+
+
+@torch.no_grad()
+def test_shufflenet_v1_downsampling_block_concatenates_pooled_input():
+    model = create_model("shufflenet_v1", num_classes=10).eval()
+    _randomize_bn(model)
+    block = model.layer2[0]  # 240 -> 480 channels: a 240-channel branch next to the pooled input
+    x = torch.randn(2, 240, 8, 8)
+    h = F.relu(_bn_eval(F.conv2d(x, block.conv1.weight, groups=3), block.bn1))
+    n, c, hh, ww = h.shape
+    h = h.view(n, 3, c // 3, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+    h = F.relu(_bn_eval(F.conv2d(h, block.conv2.weight, stride=2, padding=1, groups=c), block.bn2))
+    h = _bn_eval(F.conv2d(h, block.conv3.weight, groups=3), block.bn3)
+    pooled = F.avg_pool2d(x, 3, stride=2, padding=1)
+    torch.testing.assert_close(block(x), F.relu(torch.cat([h, pooled], 1)))
+    ident = model.layer2[1]
+    y = block(x)
+    assert ident(y).shape == y.shape
+
+
+@torch.no_grad()
+def test_shufflenet_v2_basic_block_passes_half_the_channels_through():
+    model = create_model("shufflenet_v2", num_classes=10).eval()
+    _randomize_bn(model)
+    block = model.layer1[1]  # 116 channels: 58 kept, 58 transformed, then interleaved
+    x = torch.randn(2, 116, 16, 16)
+    out = block(x)
+    torch.testing.assert_close(out[:, 0::2], x[:, :58])
+    b = x[:, 58:]
+    h = F.relu(_bn_eval(F.conv2d(b, block.conv1.weight), block.bn1))
+    h = _bn_eval(F.conv2d(h, block.conv2.weight, padding=1, groups=58), block.bn2)
+    h = F.relu(_bn_eval(F.conv2d(h, block.conv3.weight), block.bn3))
+    torch.testing.assert_close(out[:, 1::2], h)
+
+
+@torch.no_grad()
+def test_mobilenetv2_cifar_inverted_residual():
+    model = create_model("mobilenetv2_cifar", num_classes=10).eval()
+    _randomize_bn(model)
+    block = model.blocks[1][1]  # 12 -> 12 channels, stride 1: identity sum
+    seq = block.conv
+    x = torch.randn(2, 12, 16, 16)
+    h = F.relu(_bn_eval(F.conv2d(x, seq[0].weight), seq[1]))
+    h = F.relu(_bn_eval(F.conv2d(h, seq[3].weight, padding=1, groups=72), seq[4]))
+    h = _bn_eval(F.conv2d(h, seq[6].weight), seq[7])
+    torch.testing.assert_close(block(x), x + h)
+    assert not model.blocks[2][0].use_residual  # stride 2: no sum
+    assert model.blocks[0][0].conv[0].weight.shape == (16, 16, 1, 1)  # t = 1 keeps its 1x1 expansion conv
+
+
+@torch.no_grad()
+def test_resnet50_cifar_bottleneck_with_projection():
+    model = create_model("resnet50_cifar", num_classes=10).eval()
+    _randomize_bn(model)
+    block = model.layer2[0]  # 256 -> 512 channels, stride 2 on the 3x3
+    x = torch.randn(1, 256, 8, 8)
+    h = F.relu(_bn_eval(F.conv2d(x, block.conv1.weight), block.bn1))
+    h = F.relu(_bn_eval(F.conv2d(h, block.conv2.weight, stride=2, padding=1), block.bn2))
+    h = _bn_eval(F.conv2d(h, block.conv3.weight), block.bn3)
+    sc = _bn_eval(F.conv2d(x, block.shortcut[0].weight, stride=2), block.shortcut[1])
+    torch.testing.assert_close(block(x), F.relu(h + sc))
+    assert len(model.layer2[1].shortcut) == 0  # identity shortcut holds no weights
+
+
 # ---- options and errors -----------------------------------------------------------------------
 
 
@@ -280,6 +433,10 @@ def test_cnn_block_order_conv_bn_relu_pool():
         ("resnet18", {"weights": "IMAGENET1K_V1"}, "weights_path"),
         ("resnet18", {"weights_path": "/nonexistent/w.pt"}, "does not exist"),
         ("wrn_16_2", {"nonsense": 1}, "bad options"),
+        ("cnn32", {"fc": (64, 32, 16)}, "fc must be 1 or 2"),
+        ("shufflenet_v1", {"out_planes": (100, 200, 400)}, "groups"),
+        ("shufflenet_v2", {"out_channels": (115, 232, 464, 1024)}, "even"),
+        ("mobilenetv2_cifar", {"width_mult": 0}, "width_mult"),
     ],
 )
 def test_bad_options_raise_user_error(name: str, kw: dict, match: str):

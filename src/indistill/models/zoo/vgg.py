@@ -1,4 +1,4 @@
-"""CIFAR VGG with BatchNorm (CRD's ``vgg.py``): ``vgg8``, ``vgg11``, ``vgg13``.
+"""CIFAR VGG with BatchNorm (CRD's ``vgg.py``): ``vgg8``, ``vgg11``, ``vgg13``, ``vgg16``, ``vgg19``.
 
 Five conv blocks ``block0``..``block4`` (3x3 conv, BN, ReLU each), max-pools
 ``pool0``..``pool2`` after the first three, ``pool3`` after ``block3`` only when
@@ -8,6 +8,9 @@ then global average pooling ``pool4`` and a linear ``classifier``.
 Taps: ``stage1``..``stage3`` are the pooled outputs of blocks 0-2 and
 ``stage4`` is the last conv block's output (``block4``); on 32x32 inputs these
 are 16x16, 8x8, 4x4 and 4x4 maps.
+
+State-dict keys are CRD's / mdistiller's (``block0.0``, ``block0.1``, ...,
+``classifier``), whose ``vggN_bn`` functions are also aliases here.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ VGG_TAPS = {
     "logits": "@output",
 }
 
-# Per-block conv widths, as CRD's cfg 'S', 'A' and 'B'.
+# Per-block conv widths, as CRD's cfg 'S', 'A', 'B', 'D' and 'E'.
 VGG_CFGS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
     "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
     "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    "vgg19": ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
 
 
@@ -95,7 +100,7 @@ def _register(name: str) -> None:
 
     factory.__name__ = name
     factory.__doc__ = f"CIFAR {name.upper()} with BatchNorm."
-    register_model(name, taps=VGG_TAPS)(factory)
+    register_model(name, taps=VGG_TAPS, aliases=(f"{name}_bn",))(factory)
     globals()[name] = factory
 
 

@@ -5,9 +5,15 @@ Stem 16, then three ``NetworkBlock`` stages (``block1``..``block3``) of
 BatchNorm + ReLU, global average pooling and ``fc``. Because the blocks are
 pre-activation, the representation handed onward after stage 3 is the final
 ``relu`` output, which is therefore the ``stage3`` tap.
+
+State-dict keys are those of CRD / mdistiller (``block2.layer.0.convShortcut``),
+so their WRN checkpoints load with ``strict=True``; files saved by earlier
+versions of this zoo (``conv_shortcut``) still load, renamed on the fly.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -37,15 +43,24 @@ class WideBasic(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.equal_in_out = inplanes == planes and stride == 1
-        self.conv_shortcut: nn.Module | None = None
+        # camelCase on purpose: the key name of the CRD / mdistiller checkpoints.
+        self.convShortcut: nn.Module | None = None
         if not self.equal_in_out:
-            self.conv_shortcut = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+            self.convShortcut = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self._register_load_state_dict_pre_hook(_accept_legacy_shortcut_key)
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu1(self.bn1(x))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(pre)
+        shortcut = x if self.convShortcut is None else self.convShortcut(pre)
         out = self.conv2(self.drop(self.relu2(self.bn2(self.conv1(pre)))))
         return out + shortcut
+
+
+def _accept_legacy_shortcut_key(state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    # Earlier indistill checkpoints named the shortcut conv_shortcut.
+    old = f"{prefix}conv_shortcut.weight"
+    if old in state_dict:
+        state_dict.setdefault(f"{prefix}convShortcut.weight", state_dict.pop(old))
 
 
 class NetworkBlock(nn.Module):
