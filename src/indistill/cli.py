@@ -282,7 +282,14 @@ def _add_grid(add) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    # key=value overrides may follow options (`grid CONFIG --seeds 5 out_dir=x`): argparse leaves them over
+    stray = [x for x in extra if "=" not in x or x.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        ap.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     threads = os.environ.get("INDISTILL_THREADS")
     if threads:  # a grid worker: its share of the cores
         import torch

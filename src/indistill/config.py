@@ -42,6 +42,7 @@ class TrainSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     eval_every: int = 1  # test top-1 every N epochs (0: never)
+    precision: str | None = None  # this stage's autocast (fp32 | bf16 | fp16); default: the run's `precision`
 
 
 @dataclass
@@ -202,6 +203,7 @@ _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("Config", "precision"): ("fp32", "bf16", "fp16"),
     ("StudentSpec", "kd_boundary"): ("keep", "reset"),
     ("OptimizerSpec", "name"): ("adam", "adamw", "sgd"),
+    ("TrainSpec", "precision"): (None, "fp32", "bf16", "fp16"),
     ("SchedulerSpec", "name"): ("none", "multistep", "cosine"),
     ("WarmupSpec", "mode"): ("indistill", "none"),
     ("WarmupSpec", "tap_loss"): ("mse",),

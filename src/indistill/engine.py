@@ -253,10 +253,11 @@ class Engine:
         return self.checkpoint_path(stage_name).is_file()
 
     # -- helpers -----------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "fp32":
+    def _autocast(self, precision: str | None = None):
+        precision = precision or self.precision
+        if precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _prepare(self, module: nn.Module) -> nn.Module:
@@ -331,7 +332,7 @@ class Engine:
         epochs = stage.train.epochs
         opt = build_optimizer(params, stage.optimizer or stage.train.optimizer)
         sched = build_scheduler(opt, stage.scheduler or stage.train.scheduler, epochs)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        scaler = torch.amp.GradScaler(self.device.type, enabled=(stage.train.precision or self.precision) == "fp16")
         state = TrainState(opt, sched, scaler, 0)
         last = self._last_path(stage.name)
         if last.is_file():
@@ -431,7 +432,7 @@ class Engine:
         for batch in bar:
             if self.channels_last:
                 batch = batch._replace(images=batch.images.contiguous(memory_format=torch.channels_last))
-            with self._autocast():
+            with self._autocast(stage.train.precision):
                 terms = stage.loss_fn(batch, epoch)
             loss = sum(terms.values())
             if not torch.isfinite(loss.detach()):

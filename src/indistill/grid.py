@@ -340,7 +340,8 @@ def cmd_grid(args) -> int:
     grid = Grid(cfg, seeds, per_seed_sources=args.per_seed_sources)
     workers = args.workers or default_workers()
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-    command = " ".join(["indistill", "grid", args.config, f"--seeds {args.seeds}", *args.overrides])
+    command = " ".join(["indistill", "grid", args.config, f"--seeds {args.seeds}",
+                        *([f"--workers {args.workers}"] if args.workers else []), *args.overrides])
     t0 = time.perf_counter()
     grid.train_sources()
     for c in grid.cells():
