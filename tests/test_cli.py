@@ -13,8 +13,8 @@ from indistill.models import create_model
 from .conftest import require_fashion_mnist
 
 FAST_RUN = [
-    "teacher.train.epochs=3", "warmup.a=0", "warmup.epochs=7", "kd.train.epochs=2", "data.train_subset=400",
-    "data.test_subset=200", "progress=false", "device=cpu",
+    "teacher.train.epochs=3", "warmup.a=0", "warmup.embedding_epochs=1", "student.train.epochs=9",
+    "data.train_subset=400", "data.test_subset=200", "progress=false", "device=cpu",
 ]
 
 
@@ -40,16 +40,19 @@ def test_run_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert "| student_indistill_pkt |" in out and (run / "results.md").is_file()
     assert (run / "plots" / "pr_curves.png").is_file()
     assert (run / "config.yaml").is_file() and (run / "log.txt").is_file()
-    # the curriculum ran its phases in order, one loss per epoch, with the right lengths
+    # the curriculum ran its phases in order, one loss per epoch, with the right lengths, then the KD method
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    warm = [r for r in rows if r["stage"] == "student_indistill_pkt.warmup"]
-    assert [r["phase"] for r in warm] == ["stage1:mse"] + ["stage2:mse"] * 2 + ["stage3:mse"] * 3 + ["embedding:pkt"]
+    arm = [r for r in rows if r["stage"] == "student_indistill_pkt"]
+    warm = [r for r in arm if r["phase"].startswith("warmup:")]
+    assert [r["phase"] for r in warm] == ["warmup:stage1:mse"] + ["warmup:stage2:mse"] * 2 + \
+        ["warmup:stage3:mse"] * 3 + ["warmup:embedding:pkt"]
     for r in warm:
         terms = [k for k in r if k.startswith("loss/")]
-        assert terms == [f"loss/{'mse' if 'mse' in r['phase'] else 'pkt'}/{r['phase'].split(':')[0]}"]
-    # equal budget: the arms without warmup train warmup.epochs more KD epochs
-    assert sum(r["stage"] == "student_pkt.kd" for r in rows) == 7 + 2
-    assert sum(r["stage"] == "student_indistill_pkt.kd" for r in rows) == 2
+        tap, loss = r["phase"].split(":")[1:]
+        assert terms == [f"loss/{'mse' if loss == 'mse' else 'pkt'}/{tap}", "loss"] or terms == ["loss/" + f"{'mse' if loss == 'mse' else 'pkt'}/{tap}"]
+    # one budget: every arm trains student.train.epochs
+    assert [sum(r["stage"] == a for r in rows) for a in ("student_ce", "student_pkt", "student_indistill_pkt")] == [9] * 3
+    assert [r["phase"] for r in arm[7:]] == ["kd:pkt"] * 2
     # exported students load back into the zoo model
     from safetensors.torch import load_file
 
@@ -64,8 +67,8 @@ def test_run_pipeline_writes_everything_and_resumes(tmp_path, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == n
     # a different config in the same run directory is refused, nothing is overwritten
     before = (run / "config.yaml").read_text()
-    code, _, err = _run([*args, "kd.method=dkd"], capsys)
-    assert code == 2 and "different config" in err
+    code, _, err = _run([*args, "student.train.optimizer.lr=0.01"], capsys)
+    assert code == 2 and "different config" in err and "student" in err
     assert (run / "config.yaml").read_text() == before
 
 
@@ -76,10 +79,9 @@ def test_train_digits_then_evaluate(tmp_path, capsys):
     res = json.loads((tmp_path / "t" / "results.json").read_text())
     assert res["models"]["model"]["top1"] >= 90.0
     ckpt = tmp_path / "t" / "checkpoints" / "model.pt"
-    code, out, _ = _run(["evaluate", str(ckpt), "model.name=cnn32_small", "data.name=digits",
-                         f"out_dir={tmp_path}", "name=e", "evaluate.protocols=[standard]"], capsys)
+    code, out, _ = _run(["evaluate", str(ckpt), "evaluate.protocols=[standard]"], capsys)  # no model.name needed
     assert code == 0
-    ev = json.loads((tmp_path / "e" / "results.json").read_text())
+    ev = json.loads((tmp_path / "t" / "eval" / "model" / "results.json").read_text())
     assert ev["models"]["model"]["top1"] == pytest.approx(res["models"]["model"]["top1"])
 
 
@@ -109,9 +111,10 @@ def test_train_fashion_mnist_full_reaches_88_percent_in_10_epochs(tmp_path, caps
 
 
 def test_prune_and_listing_commands(tmp_path, capsys):
-    code, out, _ = _run(["prune", "teacher.name=cnn32", "student.name=cnn32_small", f"out_dir={tmp_path}"], capsys)
+    code, out, _ = _run(["prune", "teacher.name=cnn32", "student.name=cnn32_small", f"out_dir={tmp_path}",
+                         f"--out={tmp_path / 'prune.json'}"], capsys)
     assert code == 0 and "kept[stage3]" in out
-    kept = json.loads((tmp_path / "run" / "prune.json").read_text())["kept"]
+    kept = json.loads((tmp_path / "prune.json").read_text())["kept"]
     assert {k: len(v) for k, v in kept.items()} == {"stage1": 8, "stage2": 16, "stage3": 32}
     code, out, _ = _run(["methods"], capsys)
     for m in ("kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "vid", "crd", "dkd"):
@@ -129,7 +132,8 @@ def test_prune_and_listing_commands(tmp_path, capsys):
         (["train", "data.name=cifar10", "data.root=/nonexistent"], ["cifar", "download"]),
         (["train", "model.name=resnet21"], ["resnet21", "resnet20"]),
         (["run", "configs/demo_digits.yaml", "kd.method=dkdd"], ["dkdd", "dkd"]),
-        (["run", "configs/demo_digits.yaml", "kd.params={betaa: 2}", "kd.method=dkd"], ["betaa"]),
+        (["run", "configs/demo_digits.yaml", "kd.params={dkd: {betaa: 2}}", "arms=[{name: d, method: dkd}]"], ["betaa"]),
+        (["run", "configs/demo_digits.yaml", "warmup=none"], ["shadowed", "student_ce", "student_indistill_pkt"]),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, words):
@@ -159,7 +163,7 @@ def test_every_method_with_and_without_warmup(tmp_path, capsys):
     """Each KD method trains a tiny pair on digits after the InDistill warmup and from scratch, without NaN."""
     code = main(["run", "configs/methods_digits.yaml", f"out_dir={tmp_path}", "progress=false", "device=cpu",
                  "data.train_subset=200", "data.test_subset=100", "teacher.train.epochs=1",
-                 "warmup.phase_epochs=[1, 1, 1]", "warmup.epochs=4", "kd.train.epochs=1"])
+                 "warmup.phase_epochs=[1, 1, 1]", "student.train.epochs=4"])
     assert code == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "methods_digits" / "results.json").read_text())["models"]
     methods = ["kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "vid", "crd", "dkd"]
@@ -169,5 +173,6 @@ def test_every_method_with_and_without_warmup(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "methods_digits" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["loss"] == r["loss"], r  # not NaN
-    assert sum(r["stage"] == "indistill_crd.warmup" for r in rows) == 4
-    assert sum(r["stage"] == "crd.kd" for r in rows) == 5  # equal budget: 1 + 4 warmup epochs
+    assert [r["phase"] for r in rows if r["stage"] == "indistill_crd"] == [
+        "warmup:stage1:mse", "warmup:stage2:mse", "warmup:stage3:mse", "kd:crd"]
+    assert sum(r["stage"] == "crd" for r in rows) == 4  # one budget for every arm

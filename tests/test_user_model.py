@@ -37,7 +37,8 @@ def test_user_models_through_the_pipeline(tmp_path, capsys):
         "run", "data.name=digits", "data.train_subset=300", "data.test_subset=100", f"out_dir={tmp_path}",
         "name=u", "progress=false", "teacher.name=tests.user_models:make_net", "teacher.kwargs={width: 8}",
         f"teacher.taps={taps}", "student.name=tests.user_models:make_net", "student.kwargs={width: 4}",
-        f"student.taps={taps}", "teacher.train.epochs=1", "warmup.a=0", "warmup.epochs=4", "kd.train.epochs=1",
+        f"student.taps={taps}", "teacher.train.epochs=1", "warmup.a=0", "warmup.embedding_epochs=1",
+        "student.train.epochs=5",
         "kd.method=kd", "evaluate.protocols=[standard]",
     ])
     assert code == 0, capsys.readouterr().err

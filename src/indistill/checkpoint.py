@@ -92,6 +92,12 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temp file in the same folder, fsync, then ``os.replace``: a kill mid-write
     leaves the old file (or none), never an empty or half-written one."""
@@ -103,6 +109,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a written result is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
