@@ -437,6 +437,7 @@ def test_resnet50_cifar_bottleneck_with_projection():
         ("shufflenet_v1", {"out_planes": (100, 200, 400)}, "groups"),
         ("shufflenet_v2", {"out_channels": (115, 232, 464, 1024)}, "even"),
         ("mobilenetv2_cifar", {"width_mult": 0}, "width_mult"),
+        ("resnet18", {"reset_head": True}, "needs a weights_path"),
     ],
 )
 def test_bad_options_raise_user_error(name: str, kw: dict, match: str):
