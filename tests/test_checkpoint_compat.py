@@ -38,7 +38,7 @@ def _their_keys(arch: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _state_from_keys(entries: list[tuple[str, tuple[int, ...]]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors of the given shapes (roughly trained-like scales); BN counters are 0-d int64 as torch saves them."""
+    """Random tensors of the given shapes at trained-like scales; BN counters are 0-d int64 as torch saves them."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in entries:
