@@ -38,7 +38,10 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "resnet32x4": _cifar3(64, 128, 256),
     **{f"wrn_{d}_{k}": _cifar3(16 * k, 32 * k, 64 * k) for d, k in WRNS},
     # VGG: pools after blocks 0-2 (16, 8, 4); no pool after block3 at 32x32, so block4 is 4x4.
-    **{v: _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4)) for v in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
+    **{
+        v: _table((64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4))
+        for v in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")
+    },
     # 64-channel stem at stride 1, four stages; bottlenecks expand by 4.
     "resnet18_cifar": _table((64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)),
     "resnet50_cifar": _table((256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)),
@@ -257,7 +260,8 @@ def test_cnn_loads_the_authors_state_dict_layout(name: str):
         for i in (1, 2, 3):
             key = key.replace(f"block{i}.conv.", f"conv{i}.").replace(f"block{i}.bn.", f"conv{i}_bn.")
         theirs[key] = value.clone()
-    assert {k.split(".")[0] for k in theirs} == {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv3", "conv3_bn", "fc1", "fc2"}
+    expected = {"conv1", "conv1_bn", "conv2", "conv2_bn", "conv3", "conv3_bn", "fc1", "fc2"}
+    assert {k.split(".")[0] for k in theirs} == expected
     dst = create_model(name, num_classes=10)
     dst.load_state_dict(theirs, strict=True)
     for key, value in src.state_dict().items():
@@ -437,6 +441,7 @@ def test_resnet50_cifar_bottleneck_with_projection():
         ("shufflenet_v1", {"out_planes": (100, 200, 400)}, "groups"),
         ("shufflenet_v2", {"out_channels": (115, 232, 464, 1024)}, "even"),
         ("mobilenetv2_cifar", {"width_mult": 0}, "width_mult"),
+        ("resnet18", {"reset_head": True}, "needs a weights_path"),
     ],
 )
 def test_bad_options_raise_user_error(name: str, kw: dict, match: str):

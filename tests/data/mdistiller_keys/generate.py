@@ -127,7 +127,8 @@ def vgg(name: str) -> Iterator[Entry]:
 def mobile_half() -> Iterator[Entry]:
     """mobilenetv2.py ``mobile_half`` = MobileNetV2(T=6, width_mult=0.5): every block has conv.0-7."""
     t, wm = 6, 0.5
-    setting = [[1, 16, 1, 1], [t, 24, 2, 1], [t, 32, 3, 2], [t, 64, 4, 2], [t, 96, 3, 1], [t, 160, 3, 2], [t, 320, 1, 1]]
+    setting = [[1, 16, 1, 1], [t, 24, 2, 1], [t, 32, 3, 2], [t, 64, 4, 2],
+               [t, 96, 3, 1], [t, 160, 3, 2], [t, 320, 1, 1]]
     cin = int(32 * wm)
     yield from conv("conv1.0", 3, cin, 3)
     yield from bn("conv1.1", cin)

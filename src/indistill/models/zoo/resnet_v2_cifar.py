@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18/50 with a 64-channel stem (the ``resnetv2.py`` of CRD / mdistiller): ``resnet18_cifar``, ``resnet50_cifar``.
+"""CIFAR ResNet-18/50 with a 64-channel stem (CRD / mdistiller ``resnetv2.py``): ``resnet18_cifar``, ``resnet50_cifar``.
 
 Unlike the ``resnet{depth}`` family (16-channel stem, three stages), these
 have the ImageNet stage layout (64/128/256/512 planes, four stages) on a 3x3

@@ -1,4 +1,4 @@
-"""ShuffleNet V1 / V2 for CIFAR as in CRD / mdistiller: ``shufflenet_v1`` (``ShuffleV1``), ``shufflenet_v2`` (``ShuffleV2``).
+"""CIFAR ShuffleNets of CRD / mdistiller: ``shufflenet_v1`` (``ShuffleV1``), ``shufflenet_v2`` (``ShuffleV2``).
 
 Both start with a 1x1 conv to 24 channels (no stride: CIFAR inputs are
 small) and three stages ``layer1``..``layer3`` that each halve the map, so
@@ -89,7 +89,9 @@ class ShuffleNetV1(nn.Module):
         for p in planes:
             # Each stage's first block concatenates its input, so its branch makes p - cin channels.
             if p <= cin or (p - cin) % (4 * groups) or p % (4 * groups):
-                raise UserError(f"ShuffleNetV1 out_planes {planes} do not fit groups={groups}; use e.g. (240, 480, 960)")
+                raise UserError(
+                    f"ShuffleNetV1 out_planes {planes} do not fit groups={groups}; use e.g. (240, 480, 960)"
+                )
             cin = p
         self.conv1 = nn.Conv2d(in_channels, STEM, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM)
@@ -114,7 +116,7 @@ class ShuffleNetV1(nn.Module):
 
 
 class ShuffleV2Block(nn.Module):
-    """Split channels in half; the second half goes 1x1 + BN + ReLU, 3x3 depthwise + BN, 1x1 + BN + ReLU; concat, shuffle."""
+    """Split channels in half; the second half: 1x1 + BN + ReLU, 3x3 dw + BN, 1x1 + BN + ReLU; concat, shuffle."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -137,7 +139,8 @@ class ShuffleV2Block(nn.Module):
 
 
 class ShuffleV2Down(nn.Module):
-    """Stride-2 block: left 3x3 dw + BN, 1x1 + BN + ReLU; right 1x1 + BN + ReLU, 3x3 dw + BN, 1x1 + BN + ReLU; concat, shuffle."""
+    """Stride-2 block; concat of left (3x3 dw + BN, 1x1 + BN + ReLU) and right (1x1 + BN + ReLU,
+    3x3 dw + BN, 1x1 + BN + ReLU), then shuffle."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -184,7 +187,8 @@ class ShuffleNetV2(nn.Module):
         self.relu = nn.ReLU()
         cin = STEM
         for i, (c, n) in enumerate(zip(chans[:3], blocks)):
-            self.add_module(f"layer{i + 1}", nn.Sequential(ShuffleV2Down(cin, c), *[ShuffleV2Block(c) for _ in range(n)]))
+            stage = [ShuffleV2Down(cin, c), *[ShuffleV2Block(c) for _ in range(n)]]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             cin = c
         self.conv2 = nn.Conv2d(cin, chans[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(chans[3])

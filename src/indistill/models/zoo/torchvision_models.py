@@ -1,7 +1,10 @@
 """ImageNet models from ``torchvision.models``: ``resnet18``, ``resnet34``, ``resnet50``, ``mobilenet_v2``.
 
 Weights are never downloaded: ``weights_path`` loads a local state dict
-(``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``).
+(``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``),
+e.g. torchvision's own ImageNet files, which are plain state dicts with the
+same keys. For another class count pass ``reset_head=True``: everything but
+the classifier (``fc`` / ``classifier.1``) is loaded.
 ``in_channels != 3`` replaces the first convolution (fresh weights, so a loaded
 RGB checkpoint needs ``in_channels=3``).
 
@@ -21,6 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ...checkpoint import allow_numpy_scalars, load_state, model_state
 from ...errors import UserError
 from ..registry import register_model
 from ._common import check_io
@@ -56,7 +60,11 @@ def _replace_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a local state dict (``.safetensors`` or a ``torch.save`` file) without unpickling code."""
+    """Read a local state dict (``.safetensors`` or a ``torch.save`` file) without unpickling code.
+
+    Training checkpoints that wrap the weights (``{"model": ...}``,
+    ``{"state_dict": ...}``, ``{"net": ...}``) are unwrapped.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file '{path}' does not exist; give the path of a local state dict")
@@ -66,27 +74,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with allow_numpy_scalars():
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(f"cannot read weights file '{path}': {str(e).splitlines()[0]}") from None
-    # Training checkpoints often wrap the weights.
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file '{path}' holds no state dict of tensors")
-    return state
+    return model_state(state)
 
 
-def _load_weights(model: nn.Module, weights_path: str | Path) -> None:
-    state = load_state_dict_file(weights_path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UserError(
-            f"weights '{weights_path}' do not fit this model (check num_classes and in_channels): {detail}"
-        ) from None
+def _load_weights(model: nn.Module, weights_path: str | Path, reset_head: bool = False) -> None:
+    load_state(model, load_state_dict_file(weights_path), str(weights_path), reset_head=reset_head)
 
 
 def _build(
@@ -95,6 +91,7 @@ def _build(
     num_classes: int,
     in_channels: int,
     weights_path: str | Path | None,
+    reset_head: bool = False,
     **kw: Any,
 ) -> nn.Module:
     check_io(num_classes, in_channels)
@@ -105,7 +102,10 @@ def _build(
     if in_channels != 3:
         set_first_conv(model, in_channels)
     if weights_path is not None:
-        _load_weights(model, weights_path)
+        # The classifier (fc / classifier.1) is the model's last nn.Linear, which is what load_state resets.
+        _load_weights(model, weights_path, reset_head)
+    elif reset_head:
+        raise UserError("reset_head=True needs a weights_path to load; remove reset_head or give the weights")
     return model
 
 
