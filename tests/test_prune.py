@@ -311,7 +311,7 @@ def test_producer_follows_execution_order_and_overrides():
         find_producers(_Net(), specs, (3, 4, 4), overrides={"stage9": "body.late"})
 
     cnn = create_model("cnn32", 10, 3)
-    assert find_producers(cnn, cnn.indistill_taps, SHAPE)["embedding"] == "fc2"
+    assert find_producers(cnn, cnn.indistill_taps, SHAPE)["embedding"] == "fc1"
     res = create_model("resnet20", 10, 3)
     assert find_producers(res, res.indistill_taps, SHAPE)["embedding"] == "layer3.2.conv2"
 

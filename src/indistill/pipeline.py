@@ -139,7 +139,7 @@ class Pipeline:
         spec = self.cfg.teacher
         model = self.build_model(spec)
         if spec.checkpoint:
-            load_weights(model, spec.checkpoint, **({"reset_head": True} if spec.reset_head else {}))
+            load_weights(model, spec.checkpoint, reset_head=spec.reset_head)
             self.log.info(f"[teacher] loaded {spec.checkpoint}")
             return Trained("teacher", model, "teacher", Path(spec.checkpoint))
         self.engine.fit(supervised_stage("teacher", model, spec.train, evaluate=self._evaluator(model),
