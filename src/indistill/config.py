@@ -20,40 +20,46 @@ from .errors import UserError, suggest
 
 @dataclass
 class OptimizerSpec:
+    """The optimizer of one stage (one per student arm)."""
+
     name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
+    lr: float = 1e-3  # learning rate (> 0)
+    weight_decay: float = 0.0  # L2 penalty (>= 0)
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
 
 
 @dataclass
 class SchedulerSpec:
+    """The learning-rate schedule, stepped once per epoch over the stage's epochs (an arm's whole budget)."""
+
     name: str = "none"  # none | multistep | cosine
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs after which lr *= gamma
+    gamma: float = 0.1  # multistep: the factor
 
 
 @dataclass
 class TrainSpec:
     """How one stage trains: epochs, optimiser and learning-rate schedule."""
 
-    epochs: int = 10
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    epochs: int = 10  # epochs of the stage (a student arm: its whole budget)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # see below
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)  # see below
     eval_every: int = 1  # test top-1 every N epochs (0: never)
     precision: str | None = None  # this stage's autocast (fp32 | bf16 | fp16); default: the run's `precision`
 
 
 @dataclass
 class DataSpec:
-    name: str = "digits"
-    root: str | None = None
-    download: bool = False
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    train_subset: int | None = None
-    test_subset: int | None = None
+    """The dataset (`indistill datasets` lists them) and how it is batched."""
+
+    name: str = "digits"  # a registered dataset: digits, fashion_mnist, cifar10, cifar100, imagenet, imagefolder
+    root: str | None = None  # the folder to read; when set, the only place searched
+    download: bool = False  # allow torchvision to download (never by default)
+    batch_size: int = 128  # training batch (global, across processes)
+    eval_batch_size: int = 512  # feature extraction batch
+    train_subset: int | None = None  # a seeded, class-stratified subset of the training split
+    test_subset: int | None = None  # the same for the test split
     num_workers: int = 2  # only for datasets read from files per batch (ImageFolder)
 
 
@@ -64,28 +70,30 @@ class ModelSpec:
     ``taps`` overrides or supplies tap specs (name -> module path, ``path:in``, or ``@output``).
     """
 
-    name: str = "cnn32_small"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    taps: dict[str, str] | None = None
+    name: str = "cnn32_small"  # a zoo model (`indistill models`) or module.path:factory
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
+    taps: dict[str, str] | None = None  # tap name -> module path / path:in / @output (own models)
     checkpoint: str | None = None  # load trained weights from here instead of training
     reset_head: bool = False  # with checkpoint: keep the fresh classifier when the class counts differ
 
 
 @dataclass
 class TeacherSpec(ModelSpec):
-    name: str = "cnn32"
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))
+    """The teacher: trained with cross-entropy here, or loaded from ``checkpoint``."""
+
+    name: str = "cnn32"  # a zoo model or module.path:factory
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy training
 
 
 @dataclass
 class AuxiliarySpec(ModelSpec):
     """Stage 0: the auxiliary is trained with cross-entropy, then taught by the teacher with PKT."""
 
-    enabled: bool = False
-    name: str = "cnn32"
-    ce: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))
-    pkt: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))
-    pkt_variant: str = "reference"
+    enabled: bool = False  # use an auxiliary between teacher and student
+    name: str = "cnn32"  # a zoo model or module.path:factory
+    ce: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy stage
+    pkt: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # then PKT from the teacher's embedding
+    pkt_variant: str = "reference"  # reference | original
 
 
 @dataclass
@@ -117,10 +125,10 @@ class WarmupSpec:
     mode: str = "indistill"  # the default of every arm that does not set `warmup`: indistill | none
     taps: list[str] | None = None  # student stage taps, shallow to deep (default: all paired stage taps)
     pairs: dict[str, str] | None = None  # teacher tap -> student tap (default: stage taps with the same name)
-    a: int = 2
-    phase_epochs: list[int] | None = None
+    a: int = 2  # phase k lasts a + k epochs
+    phase_epochs: list[int] | None = None  # explicit epochs per tap phase (instead of a + k)
     embedding_epochs: int = 0  # 0: the KD method itself follows the tap phases (the reference)
-    tap_loss: str = "mse"
+    tap_loss: str = "mse"  # the loss of the tap phases
     embedding_loss: str = "pkt"  # pkt | pkt_original
     importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
@@ -133,8 +141,8 @@ class KDSpec:
     """Defaults of every arm: ``method`` for arms that name none; ``params`` keyed by method name
     (``params: {dkd: {beta: 8}, pkt: {variant: original}}``), so parameters belong to their method."""
 
-    method: str = "pkt"
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: str = "pkt"  # `indistill methods` lists them; ce = cross-entropy only
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its parameters
 
 
 @dataclass
@@ -145,22 +153,26 @@ class ArmSpec:
     ``method`` from ``kd.method``, ``params`` from ``kd.params[method]``.
     """
 
-    name: str = "student"
+    name: str = "student"  # a plain name: the stage, checkpoint and export name
     warmup: str | None = None  # indistill | none
     method: str | None = None  # any registered KD method, `ce` included
-    params: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None  # this arm's method parameters (default: kd.params[method])
 
 
 @dataclass
 class LoggingSpec:
+    """Optional loggers beside log.txt and metrics.jsonl."""
+
     tensorboard: bool = False  # also write TensorBoard events to <run>/tb (pip install 'indistill[tensorboard]')
 
 
 @dataclass
 class EvalSpec:
-    metrics: list[str] = field(default_factory=lambda: ["cosine", "euclidean"])
-    protocols: list[str] = field(default_factory=lambda: ["standard", "reference"])
-    ks: list[int] = field(default_factory=lambda: [1, 10, 100])
+    """Evaluation: top-1 on the test split and retrieval (database = train split, queries = test split)."""
+
+    metrics: list[str] = field(default_factory=lambda: ["cosine", "euclidean"])  # retrieval similarities
+    protocols: list[str] = field(default_factory=lambda: ["standard", "reference"])  # standard and/or the authors'
+    ks: list[int] = field(default_factory=lambda: [1, 10, 100])  # precision@k
     sources: bool = True  # also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)
 
 
@@ -169,30 +181,30 @@ class Config:
     """The whole run. ``indistill run`` uses teacher/auxiliary/student/warmup/kd/arms;
     ``indistill train`` uses ``model`` and ``train``."""
 
-    name: str = "run"
+    name: str = "run"  # the run's name: a plain directory name
     out_dir: str = "runs"  # the run directory is out_dir/name
-    seed: int = 0
+    seed: int = 0  # model init, data order and augmentation; a grid's first seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    channels_last: bool = False
-    progress: bool = True
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    channels_last: bool = False  # NHWC memory format (faster convs with AMP on GPUs)
+    progress: bool = True  # progress bars on a terminal
+    data: DataSpec = field(default_factory=DataSpec)  # the dataset
+    model: ModelSpec = field(default_factory=ModelSpec)  # `indistill train`'s model
     # `indistill train` (a plain supervised run) defaults to Adam 2e-3 annealed by a cosine schedule:
     # on Fashion-MNIST, cnn32_small reached 87.95% in 10 epochs with Adam 1e-3 + cosine, 89.02% with 2e-3.
     train: TrainSpec = field(default_factory=lambda: TrainSpec(
         optimizer=OptimizerSpec(lr=2e-3), scheduler=SchedulerSpec(name="cosine")))
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)
-    student: StudentSpec = field(default_factory=StudentSpec)
-    warmup: WarmupSpec = field(default_factory=WarmupSpec)
-    kd: KDSpec = field(default_factory=KDSpec)
-    arms: list[ArmSpec] = field(default_factory=list)
-    evaluate: EvalSpec = field(default_factory=EvalSpec)
-    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)  # the teacher
+    auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)  # the optional auxiliary teacher
+    student: StudentSpec = field(default_factory=StudentSpec)  # the student and every arm's budget
+    warmup: WarmupSpec = field(default_factory=WarmupSpec)  # the InDistill curriculum (arm default)
+    kd: KDSpec = field(default_factory=KDSpec)  # the KD method (arm default) and per-method params
+    arms: list[ArmSpec] = field(default_factory=list)  # student variants; default: one arm named student
+    evaluate: EvalSpec = field(default_factory=EvalSpec)  # what is measured
+    logging: LoggingSpec = field(default_factory=LoggingSpec)  # optional loggers
     # Stop a stage whose epoch loss exceeds this factor of its phase's first epoch (an exploded but finite
     # loss), keeping the last good checkpoint, as a non-finite loss does. 0 disables the check.
-    loss_guard: float = 1e4
+    loss_guard: float = 1e4  # stop a stage whose epoch loss exceeds this x its phase's first (0: off)
 
     @property
     def run_dir(self) -> Path:
@@ -427,3 +439,76 @@ def resolve_arms(cfg: Config) -> list[ArmSpec]:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name -> trailing comment`` of each field line in the class source (the schema's own words)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def config_reference() -> str:
+    """Every config key with its type, default and one line, generated from the dataclasses (docs/config.md)."""
+    lines = ["# Config reference", "",
+             "Generated from `src/indistill/config.py` by `python -m indistill.config > docs/config.md` "
+             "(a test fails when this file is stale). Set keys in YAML or as `key=value` overrides.", ""]
+
+    def walk(cls: type, prefix: str, default_obj: Any) -> None:
+        hints = typing.get_type_hints(cls)
+        notes = _field_comments(cls)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        title = prefix.rstrip(".") or "top level"
+        lines.extend([f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        nested = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            value = getattr(default_obj, f.name)
+            if dataclasses.is_dataclass(tp):
+                nested.append((tp, f"{prefix}{f.name}.", value))
+                lines.append(f"| `{prefix}{f.name}` | {tp.__name__} | (section below) | {notes.get(f.name, '')} |")
+                continue
+            shown = json_default(value)
+            tname = _type_name(tp)
+            choices = _CHOICES.get((cls.__name__, f.name))
+            note = notes.get(f.name, "")
+            if choices and "|" not in note:
+                note = (note + "; " if note else "") + "one of " + ", ".join("null" if c is None else str(c) for c in choices)
+            lines.append(f"| `{prefix}{f.name}` | {tname.replace('|', chr(92) + '|')} | `{shown}` | "
+                         f"{note.replace('|', chr(92) + '|')} |")
+        lines.append("")
+        for tp, p, v in nested:
+            walk(tp, p, v)
+
+    walk(Config, "", Config())
+    lines += ["## `arms[]`", "", (ArmSpec.__doc__ or "").strip().splitlines()[0], "",
+              "| key | type | default | meaning |", "|---|---|---|---|"]
+    notes = _field_comments(ArmSpec)
+    for f in dataclasses.fields(ArmSpec):
+        lines.append(f"| `{f.name}` | {_type_name(typing.get_type_hints(ArmSpec)[f.name]).replace('|', chr(92) + '|')} | "
+                     f"`{json_default(getattr(ArmSpec(), f.name))}` | {notes.get(f.name, '').replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(tp: Any) -> str:
+    import re
+
+    name = tp.__name__ if isinstance(tp, type) else str(tp)
+    return re.sub(r"\b(?:[\w]+\.)+(\w+)", r"\1", name.replace("typing.", ""))
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    return json.dumps(to_dict(value), default=str)
+
