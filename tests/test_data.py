@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from pathlib import Path
@@ -273,9 +274,10 @@ def test_fashion_mnist_env_var_search(tmp_path, monkeypatch, no_data_dirs):
 
 
 def test_fashion_mnist_missing_says_how_to_fix(no_data_dirs):
-    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist.*download=true") as e:
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist.*download=true"):
+        get_dataset("fashion_mnist")
+    with pytest.raises(UserError, match="nowhere lacks the IDX files.*download=true"):
         get_dataset("fashion_mnist", root=str(no_data_dirs / "nowhere"))
-    assert "nowhere" in str(e.value)
 
 
 @pytest.mark.realdata
@@ -296,7 +298,43 @@ def test_real_fashion_mnist(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- CIFAR
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes protocol-2 pickles the way Python 2's cPickle wrote the original CIFAR files.
+
+    Python 2 had no unicode in these files: every string (dict keys, the array's
+    raw bytes, the dtype's byte-order char) is a byte string, emitted as
+    SHORT_BINSTRING / BINSTRING, and numpy lived at ``numpy.core.multiarray``.
+    Loading them in Python 3 needs ``encoding='latin1'`` and yields ``str`` keys.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        module, qual = obj.__module__, name or obj.__qualname__
+        module = {"numpy._core.multiarray": "numpy.core.multiarray"}.get(module, module)
+        self.write(pickle.GLOBAL + f"{module}\n{qual}\n".encode())
+        self.memoize(obj)
+
+
+def _dump_py2(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    path.write_bytes(buf.getvalue())
+
+
 def _write_cifar10(base: Path, per_batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A cifar-10-batches-py folder in the original format (Python 2 protocol-2 pickles, str keys)."""
     folder = base / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     xs, ys = [], []
@@ -305,30 +343,87 @@ def _write_cifar10(base: Path, per_batch: int = 4) -> tuple[np.ndarray, np.ndarr
         data[:, :1024], data[:, 1024:2048], data[:, 2048:] = 10, 20, 30  # R, G, B planes
         data[:, 0] = np.arange(per_batch) + 100 * k  # marks sample order in pixel (0, 0) of red
         labels = [(j + k) % 10 for j in range(per_batch)]
-        with (folder / name).open("wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f)
+        batch_label = f"training batch {k + 1} of 5" if k < 5 else "testing batch 1 of 1"
+        filenames = [f"img_{k}_{j}.png" for j in range(per_batch)]
+        _dump_py2({"data": data, "labels": labels, "batch_label": batch_label, "filenames": filenames}, folder / name)
         xs.append(data)
         ys.append(labels)
-    with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}, f)
+    _dump_py2({"num_cases_per_batch": per_batch, "label_names": [f"c{i}" for i in range(10)], "num_vis": 3072},
+              folder / "batches.meta")
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def test_cifar10_reads_pickles_when_checksums_fail(tmp_path):
+def _write_cifar100(base: Path, sizes=(("train", 30), ("test", 7)), dump=None) -> dict:
+    """A cifar-100-python folder; ``dump(obj, path)`` picks the pickle flavour (default: the original)."""
+    dump = dump or _dump_py2
+    folder = base / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name, n in sizes:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = (np.arange(n) * 7 % 100).tolist()
+        dump({"filenames": [f"f{i}.png" for i in range(n)], "batch_label": f"{name} batch", "fine_labels": fine,
+              "coarse_labels": [x // 5 for x in fine], "data": data}, folder / name)
+        written[name] = (data, fine)
+    dump({"fine_label_names": ["x"] * 100, "coarse_label_names": ["y"] * 20}, folder / "meta")
+    return written
+
+
+def test_test_writer_emits_the_original_python2_format(tmp_path):
+    """The helper must write what the original files hold, or the tests below prove nothing."""
+    import pickletools
+
+    _write_cifar10(tmp_path, per_batch=2)
+    raw = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(raw)]
+    assert raw[:2] == b"\x80\x02"  # PROTO 2
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops and ("GLOBAL", "numpy dtype") in ops
+    assert not any(name in ("BINUNICODE", "SHORT_BINUNICODE") for name, _ in ops)  # no unicode in a Python 2 file
+    assert ("SHORT_BINSTRING", "data") in ops and ("SHORT_BINSTRING", "labels") in ops
+    # torchvision's own reader (a plain pickle.load, acceptable here: we wrote the file) gets str keys.
+    entry = pickle.loads(raw, encoding="latin1")
+    assert sorted(entry) == ["batch_label", "data", "filenames", "labels"] and entry["data"].dtype == np.uint8
+
+
+def test_cifar10_reads_the_original_format_like_torchvision(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
     data, labels = _write_cifar10(tmp_path)
     d = get_dataset("cifar10", root=str(tmp_path))
     assert (d.num_classes, d.in_channels, d.image_size) == (10, 3, 32)
     assert len(d.train) == 20 and len(d.test) == 4
+    assert d.source == str((tmp_path / "cifar-10-batches-py").resolve())
     imgs = d.train.images
     assert imgs.shape == (20, 3, 32, 32)
     assert (imgs[:, 1] == 20).all() and (imgs[:, 2] == 30).all() and (imgs[:, 0, 0, 1:] == 10).all()
     assert imgs[:, 0, 0, 0].tolist() == data[:20, 0].tolist()
     assert d.train.labels.tolist() == labels[:20].tolist()
     assert d.test.labels.tolist() == labels[20:].tolist()
+    # torchvision, told the (made-up) checksums pass, reads the very same pixels and labels.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    tv = tv_cifar.CIFAR10(str(tmp_path), train=True, download=False)
+    assert np.array_equal(tv.data.transpose(0, 3, 1, 2), imgs.numpy())
+    assert tv.targets == d.train.labels.tolist()
     # Standard CIFAR-10 normalisation of the green plane (value 20).
     b = next(iter(d.train_eval.batches(4)))
     assert float(b.images[0, 1, 5, 5]) == pytest.approx((20 / 255 - 0.4822) / 0.2435, abs=1e-5)
     assert d.train.pad == 4 and d.train.flip
+
+
+def test_cifar_never_calls_a_plain_unpickler(tmp_path, monkeypatch):
+    """All reads go through the restricted unpickler, whether or not checksums would pass."""
+    _write_cifar10(tmp_path)
+
+    def forbidden(*a, **k):
+        raise AssertionError("plain pickle.load/loads called")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # as if the MD5s matched
+    assert len(get_dataset("cifar10", root=str(tmp_path)).train) == 20
 
 
 def test_cifar10_root_may_be_the_batches_folder(tmp_path):
@@ -336,23 +431,23 @@ def test_cifar10_root_may_be_the_batches_folder(tmp_path):
     assert len(get_dataset("cifar10", root=str(tmp_path / "cifar-10-batches-py")).train) == 20
 
 
-def test_cifar100_fine_labels(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    written = {}
-    for name, n in (("train", 30), ("test", 7)):
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        fine = (np.arange(n) * 7 % 100).tolist()
-        with (folder / name).open("wb") as f:
-            pickle.dump({b"filenames": [], b"fine_labels": fine, b"coarse_labels": [x // 5 for x in fine], b"data": data}, f)
-        written[name] = (data, fine)
-    with (folder / "meta").open("wb") as f:
-        pickle.dump({b"fine_label_names": [b"x"] * 100, b"coarse_label_names": [b"y"] * 20}, f)
+def _dump_py3(protocol):
+    def dump(obj, path):
+        obj = {k.encode(): v for k, v in obj.items()}  # a Python 3 re-pickle usually has bytes keys
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+    return dump
+
+
+@pytest.mark.parametrize("flavour", ["py2", "py3-protocol2", "py3-protocol4", "py3-protocol5"])
+def test_cifar100_fine_labels_in_every_pickle_flavour(tmp_path, flavour):
+    dump = None if flavour == "py2" else _dump_py3(int(flavour[-1]))
+    written = _write_cifar100(tmp_path, dump=dump)
     d = get_dataset("cifar100", root=str(tmp_path), train_subset=None)
     assert d.num_classes == 100 and len(d.train) == 30 and len(d.test) == 7
     assert d.train.labels.tolist() == written["train"][1]
     assert np.array_equal(d.test.images.reshape(7, -1).numpy(), written["test"][0])
+    assert d.source == str((tmp_path / "cifar-100-python").resolve())
 
 
 def test_cifar_corrupt_pickle_names_file(tmp_path):
@@ -362,10 +457,129 @@ def test_cifar_corrupt_pickle_names_file(tmp_path):
         get_dataset("cifar10", root=str(tmp_path))
 
 
+class _Payload:
+    """Unpickling this calls ``fn(*args)``: the classic pickle code-execution trick."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _payloads(victim: Path) -> dict:
+    import builtins
+    import os
+    import subprocess
+
+    return {
+        "os.system": _Payload(os.system, f"touch {victim}"),
+        "builtins.open": _Payload(builtins.open, str(victim), "w"),
+        "builtins.exec": _Payload(builtins.exec, f"open({str(victim)!r}, 'w').close()"),
+        "subprocess.Popen": _Payload(subprocess.Popen, ["touch", str(victim)]),
+        "pathlib.Path.touch": _Payload(Path.touch, victim),
+    }
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.open", "builtins.exec", "subprocess.Popen", "pathlib.Path.touch"])
+@pytest.mark.parametrize("where", ["whole file", "inside labels"])
+def test_malicious_cifar_pickle_is_refused_and_never_runs(tmp_path, kind, where):
+    _write_cifar10(tmp_path / "data")
+    victim = tmp_path / "pwned"
+    payload = _payloads(victim)[kind]
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
+    if where == "whole file":
+        obj = payload
+    else:  # a genuine-looking batch with the payload hidden in a nested list
+        obj = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, payload, 3], b"batch_label": b"x", b"filenames": []}
+    batch.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(UserError) as e:
+        get_dataset("cifar10", root=str(tmp_path / "data"))
+    msg = str(e.value)
+    assert "\n" not in msg and "data_batch_2" in msg and "refusing to unpickle" in msg
+    assert not victim.exists()
+
+
+def test_malicious_cifar_meta_file_is_never_read(tmp_path):
+    """The label-name files are not needed, so a payload there never runs either."""
+    _write_cifar10(tmp_path / "data")
+    victim = tmp_path / "pwned"
+    (tmp_path / "data" / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps(_payloads(victim)["os.system"]))
+    assert len(get_dataset("cifar10", root=str(tmp_path / "data")).train) == 20
+    assert not victim.exists()
+
+
+def test_safe_unpickler_refuses_other_codecs(tmp_path):
+    import _codecs
+
+    path = tmp_path / "batch"
+    # A protocol-2 bytes object is _codecs.encode(str, 'latin1'); any other codec is refused.
+    path.write_bytes(pickle.dumps(_Payload(_codecs.encode, "abc", "rot13"), protocol=2))
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        cifar_mod.safe_load_pickle(path)
+    path.write_bytes(pickle.dumps(_Payload(_codecs.encode, "abc", "latin1"), protocol=2))
+    assert cifar_mod.safe_load_pickle(path) == b"abc"
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_missing_says_download(no_data_dirs, name):
     with pytest.raises(UserError, match="not found.*download=true"):
         get_dataset(name)
+
+
+# ---------------------------------------------------------------- data.root is authoritative
+
+
+@pytest.fixture
+def data_everywhere(tmp_path, monkeypatch):
+    """Valid copies in ./data and $INDISTILL_DATA: an explicit root must not fall back to them."""
+    cwd, env = tmp_path / "cwd", tmp_path / "env"
+    for base in (cwd / "data", env):
+        _write_fmnist(base / "fashion-mnist", gz=True)
+        _write_cifar10(base)
+        _write_cifar100(base)
+        (base / "imagenet" / "train" / "x").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("INDISTILL_DATA", str(env))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return empty
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("fashion_mnist", "train-images-idx3-ubyte"),
+        ("cifar10", "cifar-10-batches-py/"),
+        ("cifar100", "cifar-100-python/"),
+        ("imagenet", "train/"),
+    ],
+)
+@pytest.mark.parametrize("missing", [False, True])
+def test_explicit_root_never_falls_back(data_everywhere, name, expected, missing):
+    if name != "imagenet":  # without a root the fallback does find a copy (so the test can fail)
+        assert get_dataset(name).source.startswith(str(data_everywhere.parent / "env"))
+    root = data_everywhere / "absent" if missing else data_everywhere
+    with pytest.raises(UserError) as e:
+        get_dataset(name, root=str(root))
+    msg = str(e.value)
+    assert "\n" not in msg and str(root) in msg and expected in msg and "data.root" in msg
+
+
+def test_source_is_the_folder_read(tmp_path, monkeypatch, no_data_dirs):
+    _write_fmnist(tmp_path / "store" / "fashion-mnist", gz=True)
+    monkeypatch.setenv("INDISTILL_DATA", str(tmp_path / "store"))
+    assert get_dataset("fashion_mnist").source == str((tmp_path / "store" / "fashion-mnist").resolve())
+    assert get_dataset("fashion_mnist", root=str(tmp_path / "store")).source == str((tmp_path / "store" / "fashion-mnist").resolve())
+    src = get_dataset("digits", train_subset=20).source
+    assert src is not None and (Path(src) / "digits.csv.gz").is_file()
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist", "cifar10"])
+def test_in_memory_loaders_accept_num_workers(tmp_path, name):
+    _write_fmnist(tmp_path / "fashion-mnist")
+    _write_cifar10(tmp_path)
+    assert len(get_dataset(name, root=str(tmp_path), num_workers=3, train_subset=10).train) == 10
 
 
 # ---------------------------------------------------------------- ImageFolder
@@ -445,6 +659,41 @@ def test_imagefolder_user_errors(image_tree, tmp_path_factory):
         get_dataset("imagefolder", root=str(root), imsize=3)
 
 
-def test_imagenet_missing_is_user_error(no_data_dirs):
+def test_imagenet_missing_is_user_error(no_data_dirs, monkeypatch):
+    monkeypatch.setattr("indistill.data.imagefolder.search_dirs", lambda root, sub, system: __import__(
+        "indistill.data.memory", fromlist=["x"]).search_dirs(root, sub, ()))  # ignore a system install
     with pytest.raises(UserError, match="ImageNet not found"):
+        get_dataset("imagenet")
+    with pytest.raises(UserError, match="data.root .*nope has no train/"):
         get_dataset("imagenet", root=str(no_data_dirs / "nope"))
+
+
+def _corrupt(root: Path, kind: str) -> Path:
+    victim = root / "train" / "cat" / "1.png"
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else b"\x89PNG garbage")
+    return victim
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_imagefolder_corrupt_image_is_one_line_naming_it(image_tree, num_workers, kind):
+    root, _ = image_tree
+    victim = _corrupt(root, kind)
+    d = get_dataset("imagefolder", root=str(root), image_size=16, num_workers=num_workers)
+    assert d.train.num_workers == num_workers  # the parameter reaches the DataLoader's split
+    with pytest.raises(UserError) as e:
+        collect(d.train, batch_size=4)
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg and str(victim) in msg
+    assert msg.startswith("cannot read image")
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_imagefolder_num_workers_parameter(image_tree):
+    root, _ = image_tree
+    d = get_dataset("imagefolder", root=str(root), image_size=16, num_workers=0)
+    assert {s.num_workers for s in (d.train, d.train_eval, d.test)} == {0}
+    assert d.source == str(root.resolve())
+    with pytest.raises(UserError, match="num_workers must be an integer >= 0"):
+        get_dataset("imagefolder", root=str(root), num_workers=-1)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import struct
 import tempfile
+import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +44,16 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' not found; check the path or train it first")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about foreign pickle protocols before refusing them: the error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/foreign files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 160:
+            first = first[:160].rsplit(" ", 1)[0] + " ..."
         raise UserError(
-            f"checkpoint '{path}' is corrupt or not a weights-only torch checkpoint ({first[:120]}); "
+            f"checkpoint '{path}' is corrupt or not a weights-only torch checkpoint ({first}); "
             f"delete it to retrain, or point to a good copy"
         ) from None
 
@@ -253,46 +262,69 @@ def load_weights(model: nn.Module, path: str | Path, reset_head: bool = False) -
     return load_state(model, _read_state(path), str(path), reset_head=reset_head)
 
 
-def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state_dict as safetensors (atomically)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata or {})
-    os.replace(tmp, path)
-    return path
-
-
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where /proc allows (os.umask would race threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder, fsync, then ``os.replace``: a kill mid-write
-    leaves the old file (or none), never an empty or half-written one."""
+def _atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temp file in ``path``'s folder, fsync it, then ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one; on any failure
+    the temp file is removed and the old file is left as it was. The new file
+    gets the usual ``0o666 & ~umask`` mode (mkstemp alone would make it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; a written result is as readable as any file
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
-def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
-    """:func:`atomic_write_text` of ``json.dumps(obj)``."""
-    import json
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder + fsync + ``os.replace``."""
+    return _atomic_write_bytes(path, text.encode("utf-8"))
 
-    atomic_write_text(path, json.dumps(obj, indent=indent, default=str))
+
+def atomic_write_json(
+    path: str | Path, obj: Any, *, indent: int | None = 1, sort_keys: bool = False,
+    default: Callable[[Any], Any] | None = None,
+) -> Path:
+    """``json.dumps(obj)`` plus a final newline, written atomically (see :func:`atomic_write_text`).
+
+    The text is built before the file is touched, so an unserialisable object
+    leaves the old file as it was.
+    """
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
+
+
+def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's state_dict as safetensors, atomically and byte-reproducibly.
+
+    safetensors writes its ``__metadata__`` map in a per-run hash order, so several keys made two exports of
+    the same weights differ; the metadata is therefore ONE entry, ``indistill``, holding sorted-key JSON
+    (tensors are laid out deterministically by the library)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"indistill": json.dumps({str(k): str(v) for k, v in metadata.items()}, sort_keys=True)} if metadata else None
+    return _atomic_write_bytes(path, save(state, metadata=meta))
+

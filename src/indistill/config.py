@@ -7,6 +7,8 @@ the closest valid keys and the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +231,116 @@ _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
 }
 
 
+class _Range(typing.NamedTuple):
+    """Valid numbers: ``lo <= v`` (``lo < v`` when not ``lo_incl``), likewise ``hi``; None: unbounded."""
+
+    lo: float | None = None
+    lo_incl: bool = True
+    hi: float | None = None
+    hi_incl: bool = True
+
+    def admits(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (v == self.lo and not self.lo_incl)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (v == self.hi and not self.hi_incl)))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>=' if self.lo_incl else '>'} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<=' if self.hi_incl else '<'} {self.hi:g}")
+        return " and ".join(parts)
+
+
+_AT_LEAST_1 = _Range(1)
+_AT_LEAST_0 = _Range(0)
+_POSITIVE = _Range(0, lo_incl=False)
+
+# Numeric keys by (class name, field), like _CHOICES: a class missing here is simply not checked.
+# List fields are checked item by item; None (an unset optional) is always allowed.
+_RANGES: dict[tuple[str, str], _Range] = {
+    ("Config", "seed"): _Range(0, hi=2**32 - 1),  # numpy/sklearn seeds are 32-bit unsigned
+    ("DataSpec", "batch_size"): _AT_LEAST_1,
+    ("DataSpec", "eval_batch_size"): _AT_LEAST_1,
+    ("DataSpec", "train_subset"): _AT_LEAST_1,
+    ("DataSpec", "test_subset"): _AT_LEAST_1,
+    ("DataSpec", "num_workers"): _AT_LEAST_0,
+    ("TrainSpec", "epochs"): _AT_LEAST_1,  # teacher.train, auxiliary.ce/pkt, kd.train, train
+    ("TrainSpec", "eval_every"): _AT_LEAST_0,  # 0: never
+    ("OptimizerSpec", "lr"): _POSITIVE,
+    ("OptimizerSpec", "weight_decay"): _AT_LEAST_0,
+    ("OptimizerSpec", "momentum"): _Range(0, hi=1, hi_incl=False),
+    ("SchedulerSpec", "milestones"): _AT_LEAST_1,
+    ("SchedulerSpec", "gamma"): _Range(0, lo_incl=False, hi=1),
+    ("WarmupSpec", "a"): _AT_LEAST_0,
+    ("WarmupSpec", "phase_epochs"): _AT_LEAST_1,
+    ("WarmupSpec", "epochs"): _AT_LEAST_0,  # mode none trains no warmup epochs
+    ("EvalSpec", "ks"): _AT_LEAST_1,
+}
+
+# Keys that become file or directory names (the run directory, per-arm checkpoints and exports).
+_PLAIN_NAMES: set[tuple[str, str]] = {("Config", "name"), ("ArmSpec", "name")}
+
+
+def _check_plain_name(value: str, where: str) -> None:
+    """A single path component: no separators, no '..', no leading '.', not empty."""
+    bad = (
+        not value.strip()
+        or "/" in value
+        or "\\" in value
+        or ".." in value
+        or value.startswith(".")
+        or any(ord(c) < 32 for c in value)
+    )
+    if bad:
+        raise UserError(
+            f"{where}: {value!r} is not a plain name (it becomes a directory/file name); "
+            "use letters, digits, '-', '_' and inner '.', without '/', '\\' or '..'"
+        )
+
+
+def _check_value(cls: type, key: str, value: Any, where: str) -> None:
+    """Range-check numeric keys (``_RANGES``) and plain-name keys (``_PLAIN_NAMES``)."""
+    name = (cls.__name__, key)
+    if name in _PLAIN_NAMES and isinstance(value, str):
+        _check_plain_name(value, where)
+    rng = _RANGES.get(name)
+    if rng is None or value is None:
+        return
+    for i, v in enumerate(value if isinstance(value, list) else [value]):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue  # the type check has already reported non-numbers
+        if not rng.admits(v):
+            at = f"{where}[{i}]" if isinstance(value, list) else where
+            raise UserError(f"{at}: {v!r} is out of range; valid: {rng}")
+
+
+def check_run_location(cfg: Config) -> None:
+    """Fail early (one line) if the run directory ``out_dir/name`` cannot be created or written.
+
+    Checks, creating nothing: ``out_dir`` and the run directory are directories
+    if they exist, and the nearest existing parent of the run directory is a
+    writable directory. Call it before the first write of a run.
+    """
+    out_dir = Path(cfg.out_dir).expanduser()
+    run_dir = out_dir / cfg.name
+    for what, p in (("out_dir", out_dir), ("run directory", run_dir)):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{what} '{p}' exists and is not a directory; set out_dir=... to a directory (or remove that file)")
+    parent = run_dir
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create run directory '{run_dir}': '{parent}' is a file; set out_dir=... to a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run directory '{run_dir}': '{parent}' is not writable; set out_dir=... to a writable directory")
+
+
 def _check_choice(cls: type, key: str, value: Any, where: str) -> None:
     choices = _CHOICES.get((cls.__name__, key))
     if choices is None:
@@ -315,6 +427,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             value = _merge(to_dict(factory()), value)
         kwargs[key] = _coerce(hints[key], value, sub)
         _check_choice(cls, key, kwargs[key], sub)
+        _check_value(cls, key, kwargs[key], sub)
     return cls(**kwargs)
 
 

@@ -13,7 +13,6 @@ Every arm starts from the same initial student and sees the same data order.
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,12 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write_json, export_safetensors, load_weights
-from .config import ArmSpec, Config, ModelSpec, resolve_arms, to_dict
+from .config import ArmSpec, Config, ModelSpec, check_run_location, resolve_arms, to_dict
 from .data import DataSplits, get_dataset
 from .engine import Engine, Stage, TensorBoardLogger, get_logger, select_device
 from .errors import UserError
 from .models import create_model, model_taps, tap_shapes
+from .models.registry import call_factory, resolve_factory
 from .models.taps import OUTPUT
 from .rundir import RunDir
 from .stages import (
@@ -38,26 +38,15 @@ from .warmup import InDistillWarmup, build_warmup
 
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
-    return get_dataset(d.name, root=d.root, download=d.download, train_subset=d.train_subset, test_subset=d.test_subset)
+    return get_dataset(d.name, root=d.root, download=d.download, train_subset=d.train_subset,
+                       test_subset=d.test_subset, num_workers=d.num_workers)
 
 
 def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     """A zoo model by name, or a user factory ``package.module:function`` (taps from ``spec.taps``)."""
     if ":" in spec.name:
-        mod_name, fn_name = spec.name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"cannot import model factory '{spec.name}' ({e}); give module.path:function") from None
-        try:
-            model = factory(num_classes=data.num_classes, in_channels=data.in_channels, **spec.kwargs)
-        except TypeError as e:
-            raise UserError(
-                f"model factory '{spec.name}' cannot be called as f(num_classes=, in_channels=, **kwargs) ({e}); "
-                f"give a function that returns an nn.Module"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise UserError(f"model factory '{spec.name}' returned {type(model).__name__}, not an nn.Module")
+        model = call_factory(resolve_factory(spec.name), spec.name, num_classes=data.num_classes,
+                             in_channels=data.in_channels, **spec.kwargs)
         model.indistill_name = spec.name
         if not spec.taps:
             raise UserError(
@@ -92,6 +81,7 @@ class Pipeline:
     """Runs the stages of one config in its run directory."""
 
     def __init__(self, cfg: Config, *, data: DataSplits | None = None):
+        check_run_location(cfg)
         self.cfg = cfg
         self.rundir = RunDir(cfg.run_dir)
         self.run_dir = cfg.run_dir

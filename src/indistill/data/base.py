@@ -59,6 +59,12 @@ class Split(ABC):
 
 @dataclass
 class DataSplits:
+    """A dataset's three views plus what a model needs to know about it.
+
+    ``source`` is the folder (or file) the data was actually read from, so a
+    result can say which copy it was computed on; None where there is none.
+    """
+
     name: str
     num_classes: int
     in_channels: int
@@ -66,13 +72,18 @@ class DataSplits:
     train: Split
     train_eval: Split
     test: Split
+    source: str | None = None
 
 
 _DATASETS: dict[str, Callable[..., DataSplits]] = {}
 
 
 def register_dataset(name: str):
-    """Decorator: register ``f(root=None, download=False, **kw) -> DataSplits``."""
+    """Decorator: register ``f(root=None, download=False, **kw) -> DataSplits``.
+
+    Every loader accepts ``train_subset``, ``test_subset`` and ``num_workers``
+    (ignored by in-memory datasets), so callers can pass them uniformly.
+    """
 
     def deco(fn: Callable[..., DataSplits]):
         _DATASETS[name] = fn

@@ -29,6 +29,13 @@ def load_digits_uint8(image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch
     return x, torch.from_numpy(bunch.target).long()
 
 
+def sklearn_digits_source() -> str:
+    """The folder scikit-learn's embedded ``digits.csv.gz`` is read from."""
+    from importlib import resources
+
+    return str(resources.files("sklearn.datasets") / "data")
+
+
 @register_dataset("digits")
 def digits(
     root: str | None = None,
@@ -41,11 +48,12 @@ def digits(
 ) -> DataSplits:
     """scikit-learn digits: 10 classes, 1 channel, random crop (pad 2), no flip (digits are not mirror-symmetric).
 
-    ``root`` and ``download`` are accepted for a uniform interface and ignored:
-    the data is embedded in scikit-learn.
+    ``root``, ``download`` and ``num_workers`` are accepted for a uniform interface
+    and ignored: the data is embedded in scikit-learn (``source`` names its folder).
     """
+    kw.pop("num_workers", None)
     if kw:
-        raise UserError(f"digits: unknown option(s) {', '.join(sorted(kw))}; known: image_size, train_subset, test_subset")
+        raise UserError(f"digits: unknown option(s) {', '.join(sorted(kw))}; known: image_size, train_subset, test_subset, num_workers")
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits_uint8(image_size)
@@ -64,4 +72,5 @@ def digits(
         flip=False,
         train_subset=train_subset,
         test_subset=test_subset,
+        source=sklearn_digits_source(),
     )

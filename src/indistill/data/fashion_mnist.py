@@ -122,13 +122,23 @@ def fashion_mnist(
     test_subset: int | None = None,
     **kw: Any,
 ) -> DataSplits:
-    """Fashion-MNIST: 10 classes, 1 channel, 28x28 zero-padded to 32x32; random crop (pad 4) + flip."""
+    """Fashion-MNIST: 10 classes, 1 channel, 28x28 zero-padded to 32x32; random crop (pad 4) + flip.
+
+    ``num_workers`` is accepted (and ignored: the images are decoded once, in memory).
+    """
+    kw.pop("num_workers", None)
     if kw:
-        raise UserError(f"fashion_mnist: unknown option(s) {', '.join(sorted(kw))}; known: train_subset, test_subset")
+        raise UserError(f"fashion_mnist: unknown option(s) {', '.join(sorted(kw))}; known: train_subset, test_subset, num_workers")
     directory = find_fashion_mnist(root)
     if directory is None:
         if not download:
             looked = ", ".join(str(d) for d in search_dirs(root, SUBDIRS, SYSTEM_DIRS))
+            if root is not None:
+                # An explicit root is authoritative: name what was expected there.
+                raise UserError(
+                    f"fashion_mnist: data.root {root} lacks the IDX files {', '.join(f + '[.gz]' for f in FILES.values())} "
+                    f"(looked in {looked}); put them there, set download=true, or unset data.root to use the default search"
+                )
             raise UserError(
                 f"Fashion-MNIST not found (looked in {looked}); "
                 "install it with `apt-get install dataset-fashion-mnist`, or pass download=true"
@@ -150,4 +160,5 @@ def fashion_mnist(
         flip=True,
         train_subset=train_subset,
         test_subset=test_subset,
+        source=str(Path(directory).resolve()),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ class IndexedImages(Dataset):
         try:
             img = self.loader(path)
         except Exception as e:  # PIL raises several types for unreadable images
-            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file") from e
+            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            # `from None`: in a worker the whole chain would be formatted into the re-raised message.
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {detail}); remove or replace the file") from None
         if not self.random:
             return self.transform(img), label, i
         seq = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF, i])
@@ -73,6 +76,28 @@ class IndexedImages(Dataset):
             torch.manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
             x = self.transform(img)
         return x, label, i
+
+
+# The last line of a worker's formatted traceback: "indistill.errors.UserError: <message>".
+_WORKER_USER_ERROR = re.compile(r"^(?:[\w.]+\.)?UserError: (.*)$")
+
+
+def _worker_message(e: UserError) -> str:
+    """The original one-line message of a ``UserError`` a DataLoader worker raised.
+
+    torch re-raises a worker's exception in the main process as the same type
+    but with the worker's whole traceback as its message; the CLI would print
+    all of it after ``error:``. The original message is the traceback's last
+    ``UserError:`` line.
+    """
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    for line in reversed(text.splitlines()):
+        m = _WORKER_USER_ERROR.match(line.strip())
+        if m:
+            return m.group(1)
+    return text.strip().splitlines()[-1]
 
 
 class FolderSplit(Split):
@@ -115,7 +140,14 @@ class FolderSplit(Split):
             # Without its own generator the DataLoader draws worker seeds from the global RNG.
             generator=epoch_generator(seed, epoch, stream=1),
         )
-        for x, y, idx in loader:
+        it = iter(loader)
+        while True:
+            try:
+                x, y, idx = next(it)
+            except StopIteration:
+                return
+            except UserError as e:
+                raise UserError(_worker_message(e)) from None
             yield Batch(
                 x.to(device, non_blocking=True),
                 y.to(device, non_blocking=True),
@@ -157,12 +189,18 @@ def build_folder_splits(
     train_subset: int | None = None,
     test_subset: int | None = None,
 ) -> DataSplits:
-    """Build train / train_eval / test ``FolderSplit``s from ``root/train`` and ``root/val``."""
+    """Build train / train_eval / test ``FolderSplit``s from ``root/train`` and ``root/val``.
+
+    ``num_workers`` DataLoader processes decode the images (0: in the calling
+    process; None: ``min(4, cpu_count)``).
+    """
     if image_size <= 0 or (resize is not None and resize < image_size):
         raise UserError(f"{name}: need 0 < image_size <= resize, got image_size={image_size}, resize={resize}")
     resize = resize if resize is not None else round(image_size / 0.875)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"{name}: num_workers must be an integer >= 0, got {num_workers!r}; set data.num_workers")
     classes, train, test = _scan(root, name)
 
     def pick(samples: list[tuple[str, int]], k: int | None) -> list[tuple[str, int]]:
@@ -179,6 +217,7 @@ def build_folder_splits(
         train=FolderSplit(IndexedImages(train, train_transform(image_size, mean, std), True), num_workers),
         train_eval=FolderSplit(IndexedImages(train, ev, False), num_workers),
         test=FolderSplit(IndexedImages(test, ev, False), num_workers),
+        source=str(root.resolve()),
     )
 
 
@@ -192,31 +231,38 @@ def _check_options(name: str, kw: dict) -> None:
 
 
 @register_dataset("imagefolder")
-def imagefolder(root: str | None = None, download: bool = False, **kw: Any) -> DataSplits:
+def imagefolder(root: str | None = None, download: bool = False, *, num_workers: int | None = None, **kw: Any) -> DataSplits:
     """Any ``root/train/<class>/`` + ``root/val/<class>/`` tree; classes come from the folder names.
 
-    Options: image_size (224), resize (image_size/0.875), num_workers, mean, std,
-    train_subset, test_subset.
+    Options: image_size (224), resize (image_size/0.875), num_workers (DataLoader
+    processes; None: min(4, cpus)), mean, std, train_subset, test_subset.
     """
     _check_options("imagefolder", kw)
     if root is None:
         raise UserError("imagefolder needs root=<directory with train/<class>/ and val/<class>/>")
     if download:
         raise UserError("imagefolder cannot be downloaded; set download=false and point root at your images")
-    return build_folder_splits("imagefolder", Path(root).expanduser(), **kw)
+    return build_folder_splits("imagefolder", Path(root).expanduser(), num_workers=num_workers, **kw)
 
 
 @register_dataset("imagenet")
-def imagenet(root: str | None = None, download: bool = False, **kw: Any) -> DataSplits:
-    """ImageNet (ILSVRC-2012) in ImageFolder layout, found via the usual data search order."""
+def imagenet(root: str | None = None, download: bool = False, *, num_workers: int | None = None, **kw: Any) -> DataSplits:
+    """ImageNet (ILSVRC-2012) in ImageFolder layout: an explicit root (or its imagenet/,
+    ILSVRC2012/ subfolder), else the usual data search order. ``num_workers`` as for imagefolder."""
     _check_options("imagenet", kw)
     if download:
         raise UserError("ImageNet cannot be downloaded automatically; get it from image-net.org and set root to a dir with train/ and val/")
     dirs = search_dirs(root, ("imagenet", "ILSVRC2012"), ("/usr/share/datasets/imagenet",))
     found = next((d for d in dirs if (d / "train").is_dir()), None)
     if found is None:
+        looked = ", ".join(str(d) for d in dirs)
+        if root is not None:
+            raise UserError(
+                f"imagenet: data.root {root} has no train/ folder (looked in {looked}); set data.root to a dir with "
+                "train/<wnid>/ and val/<wnid>/, or unset it to use the default search"
+            )
         raise UserError(
-            f"ImageNet not found (no train/ in {', '.join(str(d) for d in dirs)}); "
+            f"ImageNet not found (no train/ in {looked}); "
             "set root to a dir with train/<wnid>/ and val/<wnid>/ (val sorted into class folders)"
         )
-    return build_folder_splits("imagenet", found, **kw)
+    return build_folder_splits("imagenet", found, num_workers=num_workers, **kw)

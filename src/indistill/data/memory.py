@@ -268,11 +268,13 @@ def make_in_memory_splits(
     flip: bool = False,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    source: str | None = None,
 ) -> DataSplits:
     """Build train (augmented), train_eval and test splits from uint8 tensors.
 
     ``mean``/``std`` default to the statistics of the full training images
     (computed before any subset, so a subset sees the same normalisation).
+    ``source`` is recorded as ``DataSplits.source`` (the folder the data came from).
     """
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ValueError(f"train images {tuple(train_images.shape[1:])} and test images {tuple(test_images.shape[1:])} differ")
@@ -298,28 +300,33 @@ def make_in_memory_splits(
         train=train,
         train_eval=train.view(),
         test=test,
+        source=source,
     )
 
 
 def search_dirs(root: str | os.PathLike | None, subdirs: Sequence[str] = (), system: Sequence[str] = ()) -> list[Path]:
     """Directories to look for on-disk data in, in order, without duplicates.
 
-    Bases are the explicit ``root``, ``$INDISTILL_DATA`` and ``./data``; each base
-    is tried as is and then with every one of ``subdirs`` appended; the
-    ``system`` directories (read-only installs) come last.
+    An explicit ``root`` is authoritative: only it and its ``subdirs`` are
+    searched, so a typo in ``data.root`` fails instead of silently training on
+    another copy. Without a root the bases are ``$INDISTILL_DATA`` and
+    ``./data`` (each as is, then with every one of ``subdirs`` appended),
+    followed by the ``system`` directories (read-only installs).
     """
     bases: list[Path] = []
     if root is not None:
         bases.append(Path(root).expanduser())
-    if os.environ.get("INDISTILL_DATA"):
-        bases.append(Path(os.environ["INDISTILL_DATA"]).expanduser())
-    bases.append(Path("data"))
+    else:
+        if os.environ.get("INDISTILL_DATA"):
+            bases.append(Path(os.environ["INDISTILL_DATA"]).expanduser())
+        bases.append(Path("data"))
     out: list[Path] = []
     for base in bases:
         for d in (base, *(base / s for s in subdirs)):
             if d not in out:
                 out.append(d)
-    out.extend(Path(s) for s in system if Path(s) not in out)
+    if root is None:
+        out.extend(Path(s) for s in system if Path(s) not in out)
     return out
 
 
