@@ -7,17 +7,21 @@ The public API, re-exported (see the README for the pipeline)::
 
 from .config import Config, load_config
 from .curriculum import Schedule, default_schedule
-from .data import DataSplits, get_dataset, list_datasets
+from .data import DataSplits, get_dataset, list_datasets, register_dataset
 from .errors import UserError
 from .evaluate import classification_metrics, evaluate_model, extract_features, retrieval_metrics
 from .methods import Method, MethodContext, create_method, list_methods, pkt_loss, register_method
 from .models import Taps, create_model, list_models, model_taps, register_model, tap_shapes
 from .prune import PrunedTeacher, prune_to_student
+from .warmup import InDistillWarmup, build_warmup
+from .engine import Engine, Stage
+from .pipeline import Pipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config", "load_config", "Schedule", "default_schedule", "DataSplits", "get_dataset", "list_datasets",
+    "register_dataset", "InDistillWarmup", "build_warmup", "Engine", "Stage", "Pipeline",
     "UserError", "classification_metrics", "evaluate_model", "extract_features", "retrieval_metrics", "Method",
     "MethodContext", "create_method", "list_methods", "pkt_loss", "register_method", "Taps", "create_model",
     "list_models", "model_taps", "register_model", "tap_shapes", "PrunedTeacher", "prune_to_student",

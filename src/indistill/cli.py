@@ -194,6 +194,13 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_schema(_args) -> int:
+    from .config import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
 def cmd_methods(_args) -> int:
     from .methods import list_methods, method_params
 
@@ -272,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
     _add_grid(add)
+    add("schema", "print the config reference (every key, type, default, meaning) as markdown", cmd_schema,
+        config=False)
     return ap
 
 

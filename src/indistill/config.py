@@ -574,7 +574,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def config_reference() -> str:
     """Every config key with its type, default and one line, generated from the dataclasses (docs/config.md)."""
     lines = ["# Config reference", "",
-             "Generated from `src/indistill/config.py` by `python -m indistill.config > docs/config.md` "
+             "Generated from `src/indistill/config.py` by `indistill schema > docs/config.md` "
              "(a test fails when this file is stale). Set keys in YAML or as `key=value` overrides.", ""]
 
     def walk(cls: type, prefix: str, default_obj: Any) -> None:
