@@ -22,13 +22,33 @@ every query in the 7th digit, float64 agrees with any other float64 evaluation
 of the same formula except for pairs closer than ~1e-16 relative. On
 integer-valued features the keys are exact, so ties are exact ties.
 
-Fast exact algorithm
---------------------
-No per-query sort of the database. Every metric here is a function of the
-ranks of the relevant items only (precision is the relevance count over the
-rank), and those ranks depend only on how relevant and irrelevant items
-interleave, so per query (queries grouped by label, the database grouped by
-label so the relevant items are one column block):
+Default algorithm (exact, ``exact=False``)
+------------------------------------------
+Every metric here is a function of the ranks of the relevant items only
+(precision is the relevance count over the rank). Per chunk of queries of one
+label (the database grouped by label, so the relevant items are one column
+block):
+
+1. one float64 matmul gives the keys (C, N);
+2. the last mantissa bit of every key is overwritten with its relevance
+   (1 = relevant). That moves a key by at most one ulp, so two keys keep their
+   order unless they differ in that bit only;
+3. each row is sorted (numpy's vectorised AVX-512 sort on CPU, several times
+   faster than an argsort; ``torch.sort`` on CUDA) and the positions of the set
+   tag bits are the ranks of the relevant items;
+4. a relevant key whose sorted neighbour is an irrelevant key equal up to the
+   tag bit (a tie, or a pair one ulp apart) flags its query, which is redone
+   exactly: with one int64 key per item packing (float32 score bits, database
+   index) when float32 holds all its keys exactly (integer-valued features),
+   else with the grid algorithm below.
+
+So the ranking is the float64 one with the index tie rule, like ``exact=True``
+(results agree to summation order, ~1e-16). Memory is bounded by
+``chunk_size`` x N scores (default ~2**25 scores on CPU, 2**27 on CUDA).
+
+Grid algorithm (``exact=True``)
+-------------------------------
+No per-query sort of the database:
 
 1. sort the R relevant keys (R ~ N / classes);
 2. cut their range into 8R equal cells with a monotone float map
@@ -42,9 +62,6 @@ label so the relevant items are one column block):
    back to a stable sort of the row;
 4. a histogram of those counts gives the number of irrelevant items above the
    k-th relevant one, hence ``rank_k``.
-
-Cost: one float64 matmul and a few linear passes per query, O(N + R log R)
-instead of the O(N log N) full ranking.
 
 Metrics (``protocol="standard"``)
 ---------------------------------
@@ -545,9 +562,12 @@ def retrieval_metrics(
     """Retrieval mAP, 11-point mAP, precision@k and PR curve (module docstring has the definitions).
 
     ``database``/``queries`` are (N, D)/(Q, D) features, labels define relevance.
-    ``chunk_size`` queries are scored at a time (default: about 2M scores per chunk),
-    so memory is O(chunk_size * N). ``device`` runs the matmul and the ranking
-    there (default: the database's device). Returns plain Python numbers.
+    ``chunk_size`` queries are scored at a time (default: about 32M scores per chunk
+    on CPU, 128M on CUDA; 2M with ``exact``), so memory is O(chunk_size * N).
+    ``device`` runs the matmul and the ranking there (default: the database's
+    device; on CUDA the sorts run on the GPU). ``exact=True`` uses the float64 grid
+    algorithm instead of the default sort-based one (same ranking, slower).
+    Returns plain Python numbers.
     """
     return retrieval_metrics_multi(
         database, database_labels, queries, query_labels, metric, ks, (protocol,), chunk_size, device, exact=exact
