@@ -17,7 +17,8 @@ Speed-up = median(a) / median(b). Exactness: every metric of (b) (standard and
 reference protocol: map, map11, p@k, every PR-curve point) is compared with the
 float64 grid path (``exact=True``); the mAP is also checked against an
 independent float64 ground truth (numpy keys, stable argsort) on 200 queries.
-ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from measured
+Real embeddings: a random cnn32_small's embedding tap on Fashion-MNIST, default path
+vs ``exact=True`` on every metric. ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from measured
 chunks: one call on one class's 50 queries and one on three classes' 150, the
 difference giving the per-query cost. Writes ``benchmarks/results/retrieval.json``
 (``--quick``: ``retrieval_quick.json``) with the machine and ``os.getloadavg()``.
@@ -203,6 +204,42 @@ def imagenet_projection(quick: bool) -> dict[str, Any]:
     }
 
 
+def real_embeddings_check(quick: bool) -> dict[str, Any]:
+    """Default path vs float64 grid path on real embeddings: a randomly initialised cnn32_small's
+    embedding tap on Fashion-MNIST (database = train split, queries = test split)."""
+    from indistill.data import get_dataset
+    from indistill.evaluate import extract_features
+    from indistill.models.registry import create_model, model_taps
+
+    from .common import FASHION_MNIST_DIR
+
+    kw = {"train_subset": 6000, "test_subset": 1000} if quick else {}
+    data = get_dataset("fashion_mnist", root=str(FASHION_MNIST_DIR), **kw)
+    torch.manual_seed(0)
+    probe = next(iter(data.test.batches(2)))
+    model = create_model("cnn32_small", num_classes=10, in_channels=probe.images.shape[1])
+    taps = model_taps(model)
+    db = extract_features(model, taps, data.train_eval)
+    q = extract_features(model, taps, data.test)
+    out: dict[str, Any] = {"features": "cnn32_small (random init) embedding tap, Fashion-MNIST",
+                           "database": len(db["labels"]), "queries": len(q["labels"]),
+                           "dim": db["embedding"].shape[1], "metrics": {}}
+    for metric in ("cosine", "euclidean"):
+        args = (db["embedding"], db["labels"], q["embedding"], q["labels"])
+        t0 = time.perf_counter()
+        fast = retrieval_metrics_multi(*args, metric=metric, ks=KS)
+        t1 = time.perf_counter()
+        exact = retrieval_metrics_multi(*args, metric=metric, ks=KS, exact=True)
+        t2 = time.perf_counter()
+        diff, where = max_metric_diff(fast, exact)
+        out["metrics"][metric] = {"max_abs_diff_vs_exact": diff, "max_abs_diff_at": where, "fast_seconds": t1 - t0,
+                                  "exact_seconds": t2 - t1, "reference_map11": fast["reference"]["map11"]}
+        assert diff <= 1e-6, f"{metric}: fast path differs from the float64 path by {diff} at {where}"
+        print(f"  real embeddings ({out['database']} x {out['queries']} x {out['dim']}) {metric}: "
+              f"max |fast - exact| = {diff:.1e}, fast {t1 - t0:.1f}s, exact {t2 - t1:.1f}s", flush=True)
+    return out
+
+
 def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (also written as JSON)."""
     from .common import load_average, machine_info
@@ -221,6 +258,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     }
     for n_db, n_q, runs in sizes:
         out["sizes"].append(bench_size(n_db, n_q, runs))
+    out["real_embeddings"] = real_embeddings_check(quick)
     out["imagenet_projection"] = imagenet_projection(quick)
     p = out["imagenet_projection"]
     print(f"  ImageNet projection: {p['projected_seconds'] / 60:.1f} min "
@@ -253,6 +291,12 @@ def render(payload: dict[str, Any]) -> list[str]:
         *table(["database x queries", "metric", "authors' s (median)", "indistill s (median)", "speed-up",
                 "per round", "diff vs exact", "abs(mAP - float64 argsort)"], rows),
     ]
+    real = payload.get("real_embeddings")
+    if isinstance(real, dict):
+        lines += ["", *table(["real embeddings", "metric", "diff vs exact", "default s", "exact=True s"],
+                             [[f"{real['features']}: {real['database']} x {real['queries']} x {real['dim']}", m,
+                               r["max_abs_diff_vs_exact"], r["fast_seconds"], r["exact_seconds"]]
+                              for m, r in real["metrics"].items()])]
     p = payload.get("imagenet_projection")
     if isinstance(p, dict):
         lines += ["", *table(["ImageNet-scale projection", "measured s", "s / query", "projected min", "peak RSS MiB"],
