@@ -228,6 +228,10 @@ def render_retrieval(payload: Any) -> list[str]:
     """The retrieval benchmark is another module's; its keys are read defensively."""
     if not isinstance(payload, dict):
         return render_generic(payload)
+    if "sizes" in payload:  # the current benchmarks/retrieval.py layout renders itself
+        from .retrieval import render
+
+        return render(payload)
     metrics = payload.get("metrics")
     if isinstance(metrics, dict) and metrics:
         data = payload.get("data") or {}

@@ -368,3 +368,109 @@ def test_evaluate_model_is_flat_json_and_consistent():
     assert out["retrieval/cosine/standard/p@10"] == direct["p@10"]
     top1 = 100.0 * (f_q["logits"].argmax(1) == f_q["labels"]).double().mean().item()
     assert out["top1"] == pytest.approx(top1)
+
+
+# ----------------------------------------------------------------------------- fast path vs float64 path
+
+
+def _all_values(res: dict) -> dict[str, float]:
+    """Every scalar metric and PR-curve point of a retrieval_metrics_multi result, flat."""
+    out = {}
+    for protocol, r in res.items():
+        out.update({f"{protocol}/{k}": v for k, v in r.items() if isinstance(v, float)})
+        out.update({f"{protocol}/pr{i}": v for i, v in enumerate(r["pr_curve"]["precision"])})
+    return out
+
+
+def _fast_vs_exact(db, dbl, q, ql, metric, ks=(1, 10, 100), **kw):
+    args = [torch.as_tensor(x) for x in (db, dbl, q, ql)]
+    fast = _all_values(retrieval_metrics_multi(*args, metric=metric, ks=ks, **kw))
+    exact = _all_values(retrieval_metrics_multi(*args, metric=metric, ks=ks, exact=True))
+    assert fast.keys() == exact.keys()
+    return fast, exact
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_fast_path_equals_float64_path_overlapping_classes(metric):
+    # Overlapping clusters (heavily interleaved relevant / irrelevant items), 2 query batches.
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(6, 24)) * 0.3
+    dbl, ql = rng.integers(0, 6, 2500), rng.integers(0, 6, 300)
+    db = (centers[dbl] + rng.normal(size=(2500, 24))).astype(np.float32)
+    q = (centers[ql] + rng.normal(size=(300, 24))).astype(np.float32)
+    fast, exact = _fast_vs_exact(db, dbl, q, ql, metric)
+    for k in fast:  # the same float64 ranking: equal up to summation order, far inside 1e-6
+        assert fast[k] == pytest.approx(exact[k], abs=1e-12), k
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_fast_path_equals_float64_path_with_ties(metric):
+    # Integer features: many exact ties between relevant and irrelevant items (cosine: keys not
+    # representable in float32 -> grid fallback; euclidean: integer keys -> packed-key path).
+    db, dbl, q, ql = _integer_data(8, 1500, 200, 3, 4, lo=-3, hi=4)
+    fast, exact = _fast_vs_exact(db, dbl, q, ql, metric, ks=(1, 10, 300))
+    for k in fast:
+        assert fast[k] == pytest.approx(exact[k], abs=1e-12), k
+    check_against_ref(db[:400], dbl[:400], q[:40], ql[:40], metric, ks=(1, 10, 100))
+
+
+def test_packed_keys_order_is_score_descending_then_index():
+    from indistill.evaluate import _packed_keys
+
+    scores = torch.tensor([[0.5, -0.0, 2.0, 0.5, -3.0, 0.0, 2.0, -1e-30, 1e30, -0.5]], dtype=torch.float32)
+    index = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    order = torch.argsort(_packed_keys(scores, index)[0])
+    expected = sorted(range(10), key=lambda i: (-float(scores[0, i]), int(index[i])))  # -0.0 == 0.0: a tie
+    assert order.tolist() == expected
+
+
+def test_packed_key_tie_rule_exact_ties_rank_by_database_index():
+    # Euclidean, 1-d integer features: every key is an exact tie block of relevant and irrelevant
+    # items; equal scores must rank by database index, lower first (the stable-sort rule).
+    rng = np.random.default_rng(9)
+    db = rng.integers(0, 3, size=(1200, 1)).astype(np.float32)
+    dbl = rng.integers(0, 2, 1200)
+    q = np.array([[0.0], [1.0], [2.0], [1.0]], dtype=np.float32)
+    ql = np.array([0, 1, 0, 0])
+    out = retrieval_metrics(torch.tensor(db), torch.tensor(dbl), torch.tensor(q), torch.tensor(ql),
+                            metric="euclidean", ks=(1, 5, 500))
+    std = ref_standard(ref_relevance_lists(ref_keys(db, q, "euclidean"), dbl, ql), (1, 5, 500))
+    assert out["map"] == pytest.approx(std["map"], abs=1e-12)
+    assert out["map11"] == pytest.approx(std["map11"], abs=1e-12)
+    assert [out["p@1"], out["p@5"], out["p@500"]] == pytest.approx(list(std["pk"]), abs=1e-12)
+    # Reversing the database order reverses the order inside each tie block; still the stable-sort rule.
+    rev = retrieval_metrics(torch.tensor(db[::-1].copy()), torch.tensor(dbl[::-1].copy()), torch.tensor(q),
+                            torch.tensor(ql), metric="euclidean", ks=(1, 5, 500))
+    std_rev = ref_standard(ref_relevance_lists(ref_keys(db[::-1], q, "euclidean"), dbl[::-1], ql), (1, 5, 500))
+    assert rev["p@5"] == pytest.approx(std_rev["pk"][1], abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_fast_path_chunked_equals_unchunked(metric):
+    rng = np.random.default_rng(10)
+    db = rng.normal(size=(1800, 8)).astype(np.float32)
+    q = rng.normal(size=(150, 8)).astype(np.float32)
+    dbl, ql = rng.integers(0, 3, 1800), rng.integers(0, 3, 150)
+    args = [torch.tensor(x) for x in (db, dbl, q, ql)]
+    whole = retrieval_metrics_multi(*args, metric=metric, chunk_size=10_000)
+    for chunk in (1, 13):
+        assert retrieval_metrics_multi(*args, metric=metric, chunk_size=chunk) == whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_cuda_fast_path_equals_cpu_float64_path(metric):
+    rng = np.random.default_rng(11)
+    centers = rng.normal(size=(5, 32)) * 0.3
+    dbl, ql = rng.integers(0, 5, 3000), rng.integers(0, 5, 260)
+    db = torch.tensor(centers[dbl] + rng.normal(size=(3000, 32)), dtype=torch.float32)
+    q = torch.tensor(centers[ql] + rng.normal(size=(260, 32)), dtype=torch.float32)
+    gpu = _all_values(retrieval_metrics_multi(db.cuda(), torch.tensor(dbl).cuda(), q.cuda(), torch.tensor(ql).cuda(),
+                                              metric=metric, chunk_size=50))
+    cpu = _all_values(retrieval_metrics_multi(db, torch.tensor(dbl), q, torch.tensor(ql), metric=metric, exact=True))
+    for k in cpu:
+        assert gpu[k] == pytest.approx(cpu[k], abs=1e-12), k
+    dbi, dbli, qi, qli = _integer_data(12, 1500, 60, 3, 4)  # ties: the packed-key / grid fallbacks on the GPU
+    gpu = retrieval_metrics(*(torch.tensor(x).cuda() for x in (dbi, dbli, qi, qli)), metric=metric)
+    cpu = retrieval_metrics(*(torch.tensor(x) for x in (dbi, dbli, qi, qli)), metric=metric, exact=True)
+    assert gpu["map"] == pytest.approx(cpu["map"], abs=1e-12) and gpu["p@10"] == pytest.approx(cpu["p@10"], abs=1e-12)
