@@ -343,7 +343,8 @@ class Engine:
         for epoch in range(state.start_epoch, stage.train.epochs):
             row = self.run_epoch(stage, epoch, state)
             summary = self.end_epoch(stage, epoch, state, row)
-        return self.finish(stage, summary, state)
+        self.unwrap(state)
+        return self.finish(stage, summary)
 
     def begin(self, stage: Stage) -> TrainState:
         """Prepare the stage: device, optimizer, schedule, scaler; resume from its last epoch if one was saved."""
@@ -426,14 +427,17 @@ class Engine:
             cb.on_epoch_end(stage, row)
         return row
 
-    def finish(self, stage: Stage, summary: dict[str, Any], state: TrainState | None = None) -> dict[str, Any]:
+    def unwrap(self, state: TrainState) -> None:
+        """Drop the stage's DDP wrapper and turn its SyncBatchNorms back into plain BatchNorms (the
+        trained model is then a plain model again, e.g. as a later stage's frozen source)."""
+        ddp.restore_bn(state.sync_bn)
+        state.sync_bn, state.forward = [], None
+
+    def finish(self, stage: Stage, summary: dict[str, Any]) -> dict[str, Any]:
         """Write the finished stage's checkpoint (with ``meta``) and drop its per-epoch one.
 
         Under torchrun rank 0 writes and every rank leaves at a barrier, when the file exists.
         """
-        if state is not None:
-            ddp.restore_bn(state.sync_bn)
-            state.sync_bn, state.forward = [], None
         if not ddp.is_main():
             ddp.barrier()
             return summary
