@@ -1,5 +1,7 @@
 """A user's own model, unknown to the zoo: plain nn.Sequential, no special forward."""
 
+import os
+
 from torch import nn
 
 
@@ -8,6 +10,35 @@ def make_net(num_classes: int, in_channels: int = 1, width: int = 8) -> nn.Modul
     return nn.Sequential(
         nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)),
         nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * w, num_classes),
+    )
+
+
+class _DyingSequential(nn.Sequential):
+    """``nn.Sequential`` that kills its process (``os._exit``, no cleanup: like SIGKILL) at the N-th
+    training-mode forward of the process when ``INDISTILL_TEST_DIE_AT=N`` is set: a deterministic
+    mid-stage kill for resume tests."""
+
+    calls = 0
+
+    def forward(self, x):
+        die_at = os.environ.get("INDISTILL_TEST_DIE_AT")
+        if die_at and self.training:
+            _DyingSequential.calls += 1
+            if _DyingSequential.calls >= int(die_at):
+                os._exit(3)
+        return super().forward(x)
+
+
+def make_nobn_net(num_classes: int, in_channels: int = 1, width: int = 8) -> nn.Module:
+    """:func:`make_net` without BatchNorm: data-parallel training of it equals one process's
+    (BatchNorm statistics are per rank unless synchronised)."""
+    w = width
+    return _DyingSequential(
+        nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(2 * w, num_classes),

@@ -37,20 +37,28 @@ def _command(name: str, args) -> str:
 
 
 def cmd_run(args) -> int:
+    from . import distributed as ddp
     from .pipeline import Pipeline
 
     cfg = _config(args.config, args.overrides)
     results = Pipeline(cfg).run(command=_command("run", args))
+    if not ddp.is_main():
+        return 0 if results else 1
     print((cfg.run_dir / "results.md").read_text())
     print(f"run directory: {cfg.run_dir}  (results.json, results.md, plots/, export/)")
     return 0 if results else 1
 
 
 def cmd_demo(args) -> int:
+    from . import distributed as ddp
     from .config import load_config
     from .pipeline import Pipeline
 
     cfg = load_config(packaged_config("demo_digits.yaml"), args.overrides)
+    ddp.init_from_env(cfg.device)
+    if not ddp.is_main():  # the other ranks train alongside rank 0 and print nothing
+        Pipeline(cfg).run(command=" ".join(["indistill", "demo", *args.overrides]))
+        return 0
     print("indistill demo: digits (embedded, offline) - teacher, then student arms CE, PKT, InDistill+PKT "
           f"({cfg.student.train.epochs} epochs each, one LR schedule)")
     Pipeline(cfg).run(command=" ".join(["indistill", "demo", *args.overrides]))
@@ -61,6 +69,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed as ddp
     from .models import model_taps, tap_shapes
     from .pipeline import Pipeline, Trained
     from .report import write_report
@@ -76,10 +85,12 @@ def cmd_train(args) -> int:
                                       meta=p.meta(cfg.model, "model")))
         ckpt = p.engine.checkpoint_path("model")
         results = p.evaluate([Trained("model", model, "model", ckpt)])
-        write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
-                     data_source=getattr(p.data, "source", None))
+        ddp.on_main(lambda: write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
+                                         data_source=getattr(p.data, "source", None)))
     finally:
         p.release()
+    if not ddp.is_main():
+        return 0
     print((cfg.run_dir / "results.md").read_text())
     print(f"checkpoint: {ckpt}")
     return 0
@@ -290,6 +301,17 @@ def _add_grid(add) -> None:
     add_grid_parser(add)
 
 
+#: commands that train data-parallel under torchrun (validate just runs on every rank)
+_DISTRIBUTED_COMMANDS = {"run", "train", "demo", "validate"}
+
+
+def _torchrun_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
@@ -299,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command not in _DISTRIBUTED_COMMANDS and _torchrun_world() > 1:
+        print(f"error: `indistill {args.command}` runs in one process; under torchrun use "
+              f"{', '.join(sorted(_DISTRIBUTED_COMMANDS))}", file=sys.stderr)
+        return 2
     threads = os.environ.get("INDISTILL_THREADS")
     if threads:  # a grid worker: its share of the cores
         import torch

@@ -179,6 +179,13 @@ class EvalSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """Data-parallel runs under ``torchrun`` (ignored in one process)."""
+
+    sync_bn: bool = False  # SyncBatchNorm over all ranks in the trained modules (CUDA only)
+
+
+@dataclass
 class Config:
     """The whole run. ``indistill run`` uses teacher/auxiliary/student/warmup/kd/arms;
     ``indistill train`` uses ``model`` and ``train``."""
@@ -204,6 +211,7 @@ class Config:
     arms: list[ArmSpec] = field(default_factory=list)  # student variants; default: one arm named student
     evaluate: EvalSpec = field(default_factory=EvalSpec)  # what is measured
     logging: LoggingSpec = field(default_factory=LoggingSpec)  # optional loggers
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)  # torchrun options
     # Stop a stage whose epoch loss exceeds this factor of its phase's first epoch (an exploded but finite
     # loss), keeping the last good checkpoint, as a non-finite loss does. 0 disables the check.
     loss_guard: float = 1e4  # stop a stage whose epoch loss exceeds this x its phase's first (0: off)

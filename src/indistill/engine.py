@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed as ddp
 from .checkpoint import atomic_save, safe_load
 from .config import OptimizerSpec, SchedulerSpec, TrainSpec
 from .data.base import Batch, Split
@@ -37,7 +38,12 @@ LossFn = Callable[[Batch, int], dict[str, torch.Tensor]]
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; asking for an absent CUDA is a ``UserError``."""
+    """``auto`` picks CUDA when available; asking for an absent CUDA is a ``UserError``.
+
+    Under torchrun (an initialised process group) ``auto``/``cuda`` mean this rank's ``cuda:LOCAL_RANK``.
+    """
+    if ddp.is_distributed() and ddp.wants_cuda(name):
+        return torch.device("cuda", ddp.local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -103,11 +109,13 @@ def get_logger(run_dir: Path, *, to_file: bool = True) -> logging.Logger:
     """A logger writing to stderr and (``to_file``) ``run_dir/log.txt``, one per run directory.
 
     A pipeline logs to stderr only until its run directory is claimed, so a failed start writes nothing;
-    a later call with ``to_file=True`` adds the file.
+    a later call with ``to_file=True`` adds the file. Under torchrun only rank 0 writes the file and
+    logs progress; the other ranks log warnings and errors only.
     """
+    to_file = to_file and ddp.is_main()
     logger = logging.getLogger(f"indistill.run.{Path(run_dir).resolve()}")
     if not logger.handlers:
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if ddp.is_main() else logging.WARNING)
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(sh)
@@ -130,7 +138,7 @@ def derive_seed(seed: int, key: str) -> int:
 
 
 class Callback:
-    """Hooks into the engine's loop; subclass and override what you need."""
+    """Hooks into the engine's loop; subclass and override what you need (called on rank 0 only)."""
 
     def on_epoch_end(self, stage: "Stage", row: dict[str, Any]) -> None:
         """Called after every epoch with the metrics row (already written to ``metrics.jsonl``)."""
@@ -203,6 +211,8 @@ class TrainState:
     scaler: Any
     start_epoch: int
     loss_ref: dict[str, float] = field(default_factory=dict)  # first-epoch loss per phase (the loss guard)
+    forward: nn.Module | None = None  # the DDP wrapper whose forward runs the stage's loss (torchrun only)
+    sync_bn: list[Any] = field(default_factory=list)  # BatchNorms turned into SyncBatchNorm for this stage
 
 
 class Engine:
@@ -211,6 +221,11 @@ class Engine:
     Public API: :meth:`fit` (the whole stage, resumable), or :meth:`begin` +
     :meth:`run_epoch` + :meth:`end_epoch` + :meth:`finish` for callers that
     drive the loop themselves (benchmarks).
+
+    Under torchrun (see :mod:`indistill.distributed`) every rank runs the same calls: each trains on
+    its slice of every global batch of ``batch_size`` through a DDP wrapper of the stage's trained
+    modules, rank 0 alone writes files, and every rank resumes from the same checkpoint.
+    ``sync_bn`` turns the trained modules' BatchNorms into SyncBatchNorm for the stage (CUDA only).
     """
 
     def __init__(
@@ -227,6 +242,7 @@ class Engine:
         logger: logging.Logger | None = None,
         callbacks: Sequence[Callback] = (),
         loss_guard: float = 0.0,
+        sync_bn: bool = False,
     ):
         self.run_dir = Path(run_dir)
         self.train_split = train_split
@@ -240,6 +256,7 @@ class Engine:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.callbacks = list(callbacks)
         self.loss_guard = float(loss_guard)
+        self.sync_bn = bool(sync_bn)
 
     # -- paths -------------------------------------------------------------
     def checkpoint_path(self, stage_name: str) -> Path:
@@ -277,13 +294,15 @@ class Engine:
         return list(stage.model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not ddp.is_main():
+            return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def _drop_metrics_after(self, stage_name: str, epoch: int) -> None:
         """On resume, forget rows of epochs the checkpoint does not hold (a kill between row and checkpoint)."""
-        if not self.metrics_path.is_file():
+        if not ddp.is_main() or not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text().splitlines()
         keep = []
@@ -311,7 +330,7 @@ class Engine:
 
     def _fit(self, stage: Stage) -> dict[str, Any]:
         final = self.checkpoint_path(stage.name)
-        if final.is_file():
+        if ddp.agree(final.is_file(), f"whether {final} exists"):
             self.prepare_stage(stage)
             ckpt = safe_load(final, map_location=self.device)
             stage.model.load_state_dict(ckpt["model"])
@@ -324,6 +343,7 @@ class Engine:
         for epoch in range(state.start_epoch, stage.train.epochs):
             row = self.run_epoch(stage, epoch, state)
             summary = self.end_epoch(stage, epoch, state, row)
+        self.unwrap(state)
         return self.finish(stage, summary)
 
     def begin(self, stage: Stage) -> TrainState:
@@ -335,7 +355,7 @@ class Engine:
         scaler = torch.amp.GradScaler(self.device.type, enabled=(stage.train.precision or self.precision) == "fp16")
         state = TrainState(opt, sched, scaler, 0)
         last = self._last_path(stage.name)
-        if last.is_file():
+        if ddp.agree(last.is_file(), f"whether {last} exists"):
             ck = safe_load(last, map_location=self.device)
             stage.model.load_state_dict(ck["model"])
             if stage.extra is not None:
@@ -343,20 +363,41 @@ class Engine:
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
-            _set_rng_state(ck["rng"])
+            # Each rank continues its own RNG streams (dropout draws differ between ranks' slices).
+            ranks = ck.get("rng_ranks")
+            _set_rng_state(ranks[ddp.rank()] if ranks and len(ranks) == ddp.world_size() else ck["rng"])
             state.start_epoch = int(ck["epoch"])
             state.loss_ref = dict(ck.get("loss_ref", {}))
             self._drop_metrics_after(stage.name, state.start_epoch)
             self.log.info(f"[{stage.name}] resuming after epoch {state.start_epoch}/{epochs} from {last}")
         else:
+            # The same seed on every rank: identical global RNG streams keep methods that draw from it
+            # for the global batch (CRD's negatives) the same on every rank.
             seed_everything(derive_seed(self.seed, stage.name))
             self._drop_metrics_after(stage.name, 0)
+        if ddp.is_distributed():
+            self._wrap(stage, state)
         return state
+
+    def _wrap(self, stage: Stage, state: TrainState) -> None:
+        """DDP over the stage's trained modules (after any resume: DDP starts by broadcasting rank 0's)."""
+        if self.sync_bn:
+            if self.device.type != "cuda":
+                raise UserError("distributed.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel); "
+                                "set distributed.sync_bn=false for CPU runs")
+            state.sync_bn = ddp.swap_sync_bn(stage.model, stage.extra)
+        state.forward = ddp.wrap_ddp(stage.model, stage.extra, stage.loss_fn, self.device)
+        k = ddp.world_size()
+        self.log.info(f"[{stage.name}] data-parallel over {k} processes: global batch {self.batch_size}, "
+                      f"{self.batch_size // k}-{-(-self.batch_size // k)} per process"
+                      + (", SyncBatchNorm" if state.sync_bn else ""))
 
     def end_epoch(self, stage: Stage, epoch: int, state: TrainState, row: dict[str, Any]) -> dict[str, Any]:
         """Step the schedule, evaluate if due, guard the loss, log the row and checkpoint the epoch."""
         epochs = stage.train.epochs
         state.scheduler.step()
+        # Rank 0's buffers on every rank: what rank 0 checkpoints, and what every rank evaluates with.
+        ddp.broadcast_buffers(stage.model, stage.extra)
         self._guard(stage, epoch, state, row)
         every = stage.train.eval_every
         due = every and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
@@ -365,6 +406,9 @@ class Engine:
         self._write_metrics(row)
         shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
         self.log.info(f"[{stage.name}] epoch {epoch + 1}/{epochs} {row.get('phase', '')} {shown}")
+        rng_ranks = ddp.all_gather_object(_rng_state()) if ddp.is_distributed() else None
+        if not ddp.is_main():
+            return row
         atomic_save(
             {
                 "model": stage.model.state_dict(),
@@ -375,6 +419,7 @@ class Engine:
                 "rng": _rng_state(),
                 "epoch": epoch + 1,
                 "loss_ref": state.loss_ref,
+                **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
             },
             self._last_path(stage.name),
         )
@@ -382,8 +427,20 @@ class Engine:
             cb.on_epoch_end(stage, row)
         return row
 
+    def unwrap(self, state: TrainState) -> None:
+        """Drop the stage's DDP wrapper and turn its SyncBatchNorms back into plain BatchNorms (the
+        trained model is then a plain model again, e.g. as a later stage's frozen source)."""
+        ddp.restore_bn(state.sync_bn)
+        state.sync_bn, state.forward = [], None
+
     def finish(self, stage: Stage, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write the finished stage's checkpoint (with ``meta``) and drop its per-epoch one."""
+        """Write the finished stage's checkpoint (with ``meta``) and drop its per-epoch one.
+
+        Under torchrun rank 0 writes and every rank leaves at a barrier, when the file exists.
+        """
+        if not ddp.is_main():
+            ddp.barrier()
+            return summary
         out = {"model": stage.model.state_dict(), "summary": summary, "stage": stage.name,
                "epochs": stage.train.epochs, "meta": dict(stage.meta)}
         if stage.extra is not None:
@@ -392,6 +449,7 @@ class Engine:
         self._last_path(stage.name).unlink(missing_ok=True)
         for cb in self.callbacks:
             cb.on_stage_end(stage, summary)
+        ddp.barrier()
         return summary
 
     def _guard(self, stage: Stage, epoch: int, state: TrainState, row: dict[str, Any]) -> None:
@@ -421,19 +479,19 @@ class Engine:
         totals: dict[str, float] = {}
         n_seen = 0
         t0 = time.perf_counter()
-        batches = split.batches(
-            self.batch_size, shuffle=True, seed=self.seed, epoch=epoch, device=self.device, drop_last=False
-        )
-        total = split.num_batches(self.batch_size)
+        # (batch, loss weight): this rank's slice of every global batch (the whole batch, weight 1, in one process)
+        batches = ddp.shard_batches(split, self.batch_size, seed=self.seed, epoch=epoch, device=self.device)
+        total = len(ddp.global_batch_sizes(len(split), self.batch_size, ddp.world_size()))
         bar = tqdm(
             batches, total=total, desc=f"{stage.name} {epoch + 1}/{stage.train.epochs}", leave=False,
             disable=not self.progress or not sys.stderr.isatty(), dynamic_ncols=True,
         )
-        for batch in bar:
+        forward = state.forward if state.forward is not None else stage.loss_fn
+        for batch, weight in bar:
             if self.channels_last:
                 batch = batch._replace(images=batch.images.contiguous(memory_format=torch.channels_last))
             with self._autocast(stage.train.precision):
-                terms = stage.loss_fn(batch, epoch)
+                terms = forward(batch, epoch)
             loss = sum(terms.values())
             if not torch.isfinite(loss.detach()):
                 raise UserError(
@@ -441,7 +499,8 @@ class Engine:
                     f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); lower the learning rate"
                 )
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the ranks' gradients; the weight turns that into the global batch's mean.
+            scaler.scale(loss * weight if weight != 1.0 else loss).backward()
             scaler.step(opt)
             scaler.update()
             bs = batch.labels.shape[0]
@@ -449,6 +508,11 @@ class Engine:
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * bs
+        if ddp.is_distributed():  # the row reports the whole global epoch, identically on every rank
+            keys = list(totals)  # the same terms, in the same order, on every rank
+            summed = ddp.all_reduce_sum(torch.tensor([n_seen] + [totals[k] for k in keys], dtype=torch.float64))
+            n_seen = int(summed[0])
+            totals = dict(zip(keys, summed[1:].tolist()))
         elapsed = time.perf_counter() - t0
         row: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1}
         if stage.phase is not None:

@@ -683,7 +683,13 @@ def extract_features(
     Returns CPU tensors ``embedding`` (N, D) from ``tap_specs["embedding"]``,
     ``logits`` (from ``tap_specs["logits"]`` if given, else the model output)
     and ``labels``. Other taps in ``tap_specs`` are not recorded.
+
+    Under torchrun this is a collective: every rank runs its slice of each global batch of
+    ``batch_size * world`` (the split is read once in all) and every rank gets all features, in
+    split order (so every rank can compute the same metrics, and none waits on another's extraction).
     """
+    from . import distributed as ddp
+
     if "embedding" not in tap_specs:
         raise UserError(
             f"tap_specs has no 'embedding' entry (got {sorted(tap_specs)}); add e.g. embedding: 'fc:in'"
@@ -691,16 +697,28 @@ def extract_features(
     specs = {"embedding": tap_specs["embedding"], "logits": tap_specs.get("logits", OUTPUT)}
     was_training = model.training
     model.eval()
-    emb, logits, labels = [], [], []
+    emb, logits, labels, index = [], [], [], []
+    world = ddp.world_size()
+    if world > 1 and len(split) < world:  # decided alike on every rank: no rank may be left without rows
+        raise UserError(f"{len(split)} samples cannot be shared by {world} processes; use fewer processes")
     try:
         with Taps(model, specs) as taps:
-            for batch in split.batches(batch_size, shuffle=False, device=device):
+            for batch in ddp.rank_slices(split, batch_size * world, shuffle=False, device=device):
+                if batch.labels.numel() == 0:
+                    continue  # this rank's slice of a last batch smaller than the world size
                 _, feats = taps(batch.images)
                 emb.append(feats["embedding"].flatten(1).float().cpu())
                 logits.append(feats["logits"].float().cpu())
                 labels.append(batch.labels.cpu())
+                index.append(batch.index.cpu())
     finally:
         model.train(was_training)
+    if world > 1:
+        # Ranks hold interleaved slices; gather them all, then put the rows back in split order.
+        out = {k: ddp.all_gather_cat(torch.cat(v)) for k, v in
+               (("embedding", emb), ("logits", logits), ("labels", labels), ("index", index))}
+        order = torch.argsort(out.pop("index"))
+        return {k: v[order] for k, v in out.items()}
     if not emb:
         raise UserError("the split yielded no batches; check the dataset")
     return {"embedding": torch.cat(emb), "logits": torch.cat(logits), "labels": torch.cat(labels)}

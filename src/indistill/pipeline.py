@@ -5,6 +5,9 @@ The pipeline only orders stages: :mod:`indistill.stages` builds them, the
 checkpoint and writes its own, so re-running a command resumes it), and
 :class:`~indistill.rundir.RunDir` keeps the run directory's books.
 
+Under ``torchrun`` every rank runs the same pipeline (see :mod:`indistill.distributed`): rank 0
+claims the run directory and writes every file, the other ranks train and evaluate alongside it.
+
 Every student *arm* (e.g. cross-entropy, PKT, InDistill + PKT) is ONE run of
 ``student.train.epochs`` epochs under one optimizer and one LR schedule: the
 warmup occupies the first epochs of an arm that has it, the KD method the rest.
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as ddp
 from .checkpoint import atomic_write_json, export_safetensors, load_weights
 from .config import ArmSpec, Config, ModelSpec, check_run_location, resolve_arms, to_dict
 from .data import DataSplits, get_dataset
@@ -85,14 +89,17 @@ class Pipeline:
         self.cfg = cfg
         self.rundir = RunDir(cfg.run_dir)
         self.run_dir = cfg.run_dir
+        ddp.init_from_env(cfg.device)  # joins torchrun's process group; nothing in one process
         self.device = select_device(cfg.device)
         self.log = get_logger(self.run_dir, to_file=False)
+        if data is None and cfg.data.download and ddp.is_distributed():
+            ddp.on_main(lambda: load_data(cfg) and None)  # rank 0 downloads; the others then find the files
         self.data = data or load_data(cfg)
         self.input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
         self.engine = Engine(
             self.run_dir, self.data.train, batch_size=cfg.data.batch_size, device=self.device,
             precision=cfg.precision, channels_last=cfg.channels_last, seed=cfg.seed, progress=cfg.progress,
-            logger=self.log, loss_guard=cfg.loss_guard,
+            logger=self.log, loss_guard=cfg.loss_guard, sync_bn=cfg.distributed.sync_bn,
         )
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
@@ -110,19 +117,26 @@ class Pipeline:
 
     # -- the run directory -----------------------------------------------------
     def claim(self) -> None:
-        """Lock the run directory and record the config; only after validation has passed."""
-        self.rundir.check(self.cfg)
-        self.rundir.lock()
-        self.rundir.claim(self.cfg)
+        """Lock the run directory and record the config; only after validation has passed.
+
+        Under torchrun rank 0 does this (and alone holds the lock); a refusal stops every rank.
+        """
+
+        def take() -> None:
+            self.rundir.check(self.cfg)
+            self.rundir.lock()
+            self.rundir.claim(self.cfg)
+
+        ddp.on_main(take)
         self.log = get_logger(self.run_dir, to_file=True)
         self.engine.log = self.log
-        if self.cfg.logging.tensorboard and not any(isinstance(c, TensorBoardLogger) for c in self.engine.callbacks):
+        if ddp.is_main() and self.cfg.logging.tensorboard and not any(isinstance(c, TensorBoardLogger) for c in self.engine.callbacks):
             self.engine.callbacks.append(TensorBoardLogger(self.run_dir / "tb"))
 
     def release(self) -> None:
         for cb in self.engine.callbacks:
             cb.close()
-        self.rundir.unlock()
+        self.rundir.unlock()  # a no-op on ranks > 0, which never took the lock
 
     # -- stages ------------------------------------------------------------------
     def teacher(self) -> Trained:
@@ -177,14 +191,15 @@ class Pipeline:
         student = self.build_model(self.cfg.student)  # seeded: every arm starts from the same initial student
         stage = self.arm(arm, source, student)
         warmup = getattr(stage, "warmup", None)
-        if warmup is not None:
+        if warmup is not None and ddp.is_main():
             atomic_write_json(self.run_dir / f"prune_{arm.name}.json", warmup.prune_record())
         self.engine.fit(stage)
-        export_safetensors(
-            student, self.run_dir / "export" / f"{arm.name}.safetensors",
-            metadata={"model": self.cfg.student.name, "arm": arm.name, "warmup": str(arm.warmup),
-                      "method": str(arm.method), "dataset": self.data.name},
-        )
+        if ddp.is_main():
+            export_safetensors(
+                student, self.run_dir / "export" / f"{arm.name}.safetensors",
+                metadata={"model": self.cfg.student.name, "arm": arm.name, "warmup": str(arm.warmup),
+                          "method": str(arm.method), "dataset": self.data.name},
+            )
         return Trained(arm.name, student, "student", self.engine.checkpoint_path(arm.name))
 
     def validate(self, one_batch: bool = False) -> None:
@@ -225,7 +240,11 @@ class Pipeline:
 
     # -- evaluation ----------------------------------------------------------------
     def evaluate(self, models: list[Trained], cache: bool = True) -> dict[str, Any]:
-        """Top-1 and retrieval of each model; cached in ``eval/`` keyed by the checkpoint it came from."""
+        """Top-1 and retrieval of each model; cached in ``eval/`` keyed by the checkpoint it came from.
+
+        Under torchrun every rank evaluates (feature extraction is sharded and gathered, so every rank
+        computes the same numbers); rank 0 writes the cache, and ranks agree on whether it was a hit.
+        """
         from .evaluate import evaluate_model
 
         e = self.cfg.evaluate
@@ -235,7 +254,7 @@ class Pipeline:
         for t in models:
             key = self.rundir.cache_key(t.checkpoint, settings) if cache and t.checkpoint.is_file() else None
             hit = self.rundir.cached(t.name, key) if key is not None else None
-            if hit is not None:
+            if ddp.agree(hit is not None, f"whether {t.name}'s evaluation is cached"):
                 out[t.name] = hit
                 continue
             self.log.info(f"[evaluate] {t.name}")
@@ -245,7 +264,7 @@ class Pipeline:
             )
             res.update({"role": t.role, "model": getattr(t.model, "indistill_name", type(t.model).__name__),
                         "params": count_params(t.model), "checkpoint": str(t.checkpoint)})
-            if key is not None:
+            if key is not None and ddp.is_main():
                 self.rundir.store(t.name, key, res)
             out[t.name] = res
         return out
@@ -277,7 +296,9 @@ class Pipeline:
                 trained.append(self.student(arm, source.model))
             results = self.evaluate(trained)
             wall = time.perf_counter() - t0
-            return write_report(self.run_dir, results, cfg=self.cfg, command=command, wall_time_s=wall,
-                                data_source=getattr(self.data, "source", None))
+            report = ddp.on_main(lambda: write_report(
+                self.run_dir, results, cfg=self.cfg, command=command, wall_time_s=wall,
+                data_source=getattr(self.data, "source", None)))
+            return report
         finally:
             self.release()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed import shard_bounds
 from ..errors import UserError
 from .base import Batch, DataSplits, Split, register_dataset
 from .memory import epoch_generator, search_dirs, subset_indices
@@ -101,7 +102,14 @@ def _worker_message(e: UserError) -> str:
 
 
 class FolderSplit(Split):
-    """A split that decodes images from disk through a ``DataLoader``."""
+    """A split that decodes images from disk through a ``DataLoader``.
+
+    ``batches(..., rank=r, world=k)`` loads only rank ``r``'s rows of every global batch of the
+    epoch's permutation (one batch per global batch, empty when it holds fewer than ``k`` samples) (a batch sampler that plays ``DistributedSampler``'s part while keeping
+    the global batches of a single-process run); per-sample seeds make the augmentation the same.
+    """
+
+    shardable = True
 
     def __init__(self, dataset: IndexedImages, num_workers: int = 4) -> None:
         self.dataset = dataset
@@ -121,6 +129,8 @@ class FolderSplit(Split):
         epoch: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Batch]:
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
@@ -130,11 +140,17 @@ class FolderSplit(Split):
         ds.seed, ds.epoch = int(seed), int(epoch)
         n = len(ds)
         order = torch.randperm(n, generator=epoch_generator(seed, epoch)) if shuffle else torch.arange(n)
+        if world > 1:
+            stop = n - n % batch_size if drop_last else n
+            groups = [order[s: min(s + batch_size, n)].tolist() for s in range(0, stop, batch_size)]
+            # An empty slice (a global batch smaller than `world`) collates to None: yielded as an empty batch.
+            batching: dict[str, Any] = {"batch_sampler": [g[slice(*shard_bounds(len(g), rank, world))] for g in groups],
+                                        "collate_fn": _collate_or_none}
+        else:
+            batching = {"batch_size": batch_size, "sampler": order.tolist(), "drop_last": drop_last}
         loader = DataLoader(
             ds,
-            batch_size=batch_size,
-            sampler=order.tolist(),
-            drop_last=drop_last,
+            **batching,
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
             # Without its own generator the DataLoader draws worker seeds from the global RNG.
@@ -143,16 +159,27 @@ class FolderSplit(Split):
         it = iter(loader)
         while True:
             try:
-                x, y, idx = next(it)
+                item = next(it)
             except StopIteration:
                 return
             except UserError as e:
                 raise UserError(_worker_message(e)) from None
+            if item is None:
+                empty = torch.empty(0, dtype=torch.long, device=device)
+                yield Batch(torch.empty(0, device=device), empty, empty)
+                continue
+            x, y, idx = item
             yield Batch(
                 x.to(device, non_blocking=True),
                 y.to(device, non_blocking=True),
                 idx.to(device, non_blocking=True),
             )
+
+
+def _collate_or_none(samples: list[Any]) -> Any:
+    from torch.utils.data import default_collate
+
+    return default_collate(samples) if samples else None
 
 
 def _scan(root: Path, name: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:

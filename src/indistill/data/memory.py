@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..distributed import shard_bounds
 from .base import Batch, DataSplits, Split
 
 __all__ = [
@@ -141,7 +142,14 @@ class InMemorySplit(Split):
         mean, std: per-channel normalisation in [0, 1] pixel units.
         pad: random-crop padding in pixels (0 disables cropping).
         flip: random horizontal flip with probability 1/2.
+
+    ``batches(..., rank=r, world=k)`` yields rank ``r``'s rows of every global batch, one batch per
+    global batch (empty for some ranks when it holds fewer than ``k`` samples; see
+    :func:`indistill.distributed.shard_batches`); the permutation and augmentation draws are the
+    whole epoch's, so a sample looks the same whichever rank trains on it.
     """
+
+    shardable = True
 
     def __init__(
         self,
@@ -211,6 +219,8 @@ class InMemorySplit(Split):
         epoch: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Batch]:
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
@@ -233,8 +243,11 @@ class InMemorySplit(Split):
         # shared CPU their OpenMP barriers stall for whole time slices (measured 20-50x slower with
         # 2 threads on a loaded 2-core machine). Results do not depend on the thread count.
         threads = torch.get_num_threads() if device.type == "cpu" else 1
-        for start in range(0, stop, batch_size):
-            end = min(start + batch_size, n)
+        for first in range(0, stop, batch_size):
+            start, end = first, min(first + batch_size, n)
+            if world > 1:  # empty for some ranks when the batch has fewer than `world` samples
+                lo, hi = shard_bounds(end - start, rank, world)
+                start, end = first + lo, first + hi
             if threads > 1:
                 torch.set_num_threads(1)
             try:

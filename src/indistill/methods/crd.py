@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as ddp
 from ..data.base import Batch
 from ..errors import UserError
 from ._common import add_ce, check_choice, check_positive, full, no_autocast
@@ -51,6 +52,12 @@ class CRD(Method):
     samples seen so far are kept in a buffer and same-class draws are redrawn
     (samples not yet seen count as other-class, so the first epoch is close to,
     not exactly, class-exact). ``"uniform"`` draws from all samples.
+
+    Under torchrun the banks stay identical on every rank: each rank gathers the whole global
+    batch's indices, labels and embeddings, draws the negatives for the whole batch (the same draws
+    on every rank: the stage seeds every rank alike) and keeps its own rows, updates the banks with
+    every rank's rows, and sets ``Z`` from the global batch. K ranks compute what one process with
+    the same global batch computes, up to float summation order.
 
     Defaults are CRD's: ``feat_dim=128, nce_k=16384`` (capped at
     ``num_samples - 1``), ``nce_t=0.07, nce_m=0.5, weight=0.8`` (``-b 0.8``), ``ce=1``.
@@ -123,8 +130,10 @@ class CRD(Method):
             dots = torch.bmm(w, v.unsqueeze(2)).squeeze(2)
         out = torch.exp(dots / self.nce_t)
         if self.z[which] < 0:
-            # As in the benchmark: Z from the first batch, so that scores are ~1/N on average.
-            self.z[which] = out.mean().detach() * self.num_samples
+            # As in the benchmark: Z from the first batch, so that scores are ~1/N on average
+            # (the global batch's mean under torchrun, so every rank sets the same Z).
+            stats = ddp.all_reduce_sum(torch.stack([out.detach().sum(), out.new_tensor(float(out.numel()))]))
+            self.z[which] = stats[0] / stats[1] * self.num_samples
         # clone: z is written in place for the other direction, which autograd must not see.
         return out / self.z[which].clone()
 
@@ -142,13 +151,16 @@ class CRD(Method):
             v_s = F.normalize(self.embed_s(s.to(dtype)), dim=1)
             v_t = F.normalize(self.embed_t(t.to(dtype)), dim=1)
             index = batch.index.to(self.memory_s.device)
-            idx = self.sample_negatives(index, batch.labels.to(index.device))
+            labels = batch.labels.to(index.device)
+            # The global batch (this rank's rows start at `lo`); all of it in one process.
+            all_index, lo = ddp.all_gather_cat(index), ddp.rows_before(index.shape[0])
+            idx = self.sample_negatives(all_index, ddp.all_gather_cat(labels))[lo: lo + index.shape[0]]
             # Student anchor vs the teacher bank, teacher anchor vs the student bank.
             out_s = self._scores(v_s, self.memory_t, idx, 0)
             out_t = self._scores(v_t, self.memory_s, idx, 1)
             loss = nce_loss(out_s, self.num_samples) + nce_loss(out_t, self.num_samples)
-            self._update(self.memory_s, index, v_s)
-            self._update(self.memory_t, index, v_t)
+            self._update(self.memory_s, all_index, ddp.all_gather_cat(v_s.detach()))
+            self._update(self.memory_t, all_index, ddp.all_gather_cat(v_t.detach()))
             terms["crd"] = self.weight * loss
             add_ce(terms, student["logits"], batch.labels, self.ce)
         return terms
