@@ -377,14 +377,90 @@ def test_bad_arguments_are_user_errors():
     t, s = create_model("cnn32", 10, 3), create_model("cnn32_small", 10, 3)
     with pytest.raises(UserError, match="importance"):
         prune_to_student(t, s, ["stage1"], input_shape=SHAPE, importance="l2")
-    with pytest.raises(UserError, match="resize"):
-        prune_to_student(t, s, ["stage1"], input_shape=SHAPE, resize="bilinear")
+    with pytest.raises(UserError, match="resize 'nearest'.*'avgpool', 'bilinear'"):
+        prune_to_student(t, s, ["stage1"], input_shape=SHAPE, resize="nearest")
     with pytest.raises(UserError, match="did you mean: stage1"):
         prune_to_student(t, s, {"stage_1": "stage1"}, input_shape=SHAPE)
     with pytest.raises(UserError, match="declares no taps"):
         prune_to_student(nn.Conv2d(3, 4, 3), s, ["stage1"], input_shape=SHAPE)
     with pytest.raises(UserError, match="different ranks"):
         prune_to_student(t, s, {"stage3": "embedding"}, input_shape=SHAPE)
+
+
+def _bilinear_golden(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Bilinear resize with half-pixel centres and edge clamping (align_corners=False), written out in float64."""
+    x = x.double()
+    n, c, h, w = x.shape
+
+    def taps(n_out: int, n_in: int) -> list[tuple[int, int, float]]:
+        rows = []
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            lo = min(int(math.floor(src)), n_in - 1)
+            hi = min(lo + 1, n_in - 1)
+            rows.append((lo, hi, src - lo))
+        return rows
+
+    out = torch.empty(n, c, out_h, out_w, dtype=torch.float64)
+    for i, (y0, y1, fy) in enumerate(taps(out_h, h)):
+        for j, (x0, x1, fx) in enumerate(taps(out_w, w)):
+            out[:, :, i, j] = ((1 - fy) * ((1 - fx) * x[:, :, y0, x0] + fx * x[:, :, y0, x1])
+                               + fy * ((1 - fx) * x[:, :, y1, x0] + fx * x[:, :, y1, x1]))
+    return out
+
+
+def test_bilinear_enlarges_a_smaller_teacher_map():
+    # Teacher stage2 (32, 6, 6) is smaller than student stage1 (4, 15, 15): avgpool cannot, bilinear can.
+    teacher, student = _randomise(create_model("cnn32", 10, 3), seed=11), create_model("cnn32", 10, 3, widths=(4, 8, 16))
+    with pytest.raises(UserError, match=r"teacher tap stage2 \(32, 6, 6\).*only shrinks.*resize: bilinear"):
+        prune_to_student(teacher, student, {"stage2": "stage1"}, input_shape=SHAPE, resize="avgpool")
+    with pytest.raises(UserError, match="resize: avgpool.*resize: bilinear"):
+        prune_to_student(teacher, student, {"stage2": "stage1"}, input_shape=SHAPE)
+    pruned = prune_to_student(teacher, student, {"stage2": "stage1"}, input_shape=SHAPE, resize="bilinear")
+    assert pruned.shapes["stage2"] == ((32, 6, 6), (4, 15, 15))
+    x = torch.randn(3, *SHAPE)
+    got = pruned(x)["stage1"]
+    kept = _ln_structured_kept(teacher.block2.conv, 4)  # independent of the pruner's own ranking
+    assert pruned.kept["stage2"].tolist() == kept.tolist()
+    src = _teacher_taps(teacher, x)["stage2"][:, kept]
+    assert got.shape == (3, 4, 15, 15)
+    torch.testing.assert_close(got, F.interpolate(src, size=(15, 15), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(got.double(), _bilinear_golden(src, 15, 15), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["avgpool", "bilinear"])
+def test_resize_on_a_heterogeneous_zoo_pair(mode):
+    # vgg13 -> MobileNetV2 (the CRD benchmark pair): stage1..3 have equal sizes and are NOT resized;
+    # stage4 is (512, 4, 4) -> (160, 2, 2); shrinking by 2, bilinear (no antialias) equals 2x2 average pooling.
+    teacher = _randomise(create_model("vgg13", 100, 3), seed=12)
+    student = create_model("MobileNetV2", 100, 3)
+    pairs = {f"stage{k}": f"stage{k}" for k in range(1, 5)}
+    pruned = prune_to_student(teacher, student, pairs, input_shape=SHAPE, resize=mode)
+    x = torch.randn(2, *SHAPE)
+    got = pruned(x)
+    full = _teacher_taps(teacher, x)
+    s_shapes = {k: tuple(v.shape[1:]) for k, v in _teacher_taps(student.eval(), x).items()}
+    for t, s in pairs.items():
+        assert tuple(got[s].shape[1:]) == s_shapes[s]
+        src = full[t][:, pruned.kept[t]]
+        if t != "stage4":
+            assert torch.equal(got[s], src)  # same size: the teacher's own activation, untouched
+    src = full["stage4"][:, pruned.kept["stage4"]]
+    torch.testing.assert_close(got["stage4"], F.adaptive_avg_pool2d(src, (2, 2)))
+    torch.testing.assert_close(got["stage4"], F.avg_pool2d(src, 2))
+
+
+def test_resize_map_and_config_choice():
+    from indistill.config import load_config
+    from indistill.prune import resize_map
+
+    f = torch.randn(2, 3, 8, 8)
+    assert resize_map(f, (8, 8), "bilinear") is f and resize_map(f, (4, 4), None) is f
+    torch.testing.assert_close(resize_map(f, (3, 5), "avgpool"), F.adaptive_avg_pool2d(f, (3, 5)))
+    torch.testing.assert_close(resize_map(f, (12, 12), "bilinear").double(), _bilinear_golden(f, 12, 12), atol=1e-5, rtol=0)
+    assert load_config(None, ["warmup.resize=bilinear"]).warmup.resize == "bilinear"
+    with pytest.raises(UserError, match="warmup.resize: 'nearest' is not one of null, avgpool, bilinear"):
+        load_config(None, ["warmup.resize=nearest"])
 
 
 # --------------------------------------------------------------------------- 5. one teacher forward

@@ -134,7 +134,7 @@ class WarmupSpec:
     embedding_loss: str = "pkt"  # pkt | pkt_original
     importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
-    resize: str | None = None  # None | avgpool (opt-in when spatial sizes differ)
+    resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; see prune.resize_map)
     evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
 
 
@@ -231,7 +231,7 @@ _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("WarmupSpec", "tap_loss"): ("mse",),
     ("WarmupSpec", "embedding_loss"): ("pkt", "pkt_original"),
     ("WarmupSpec", "importance"): ("l1", "group"),
-    ("WarmupSpec", "resize"): (None, "avgpool"),
+    ("WarmupSpec", "resize"): (None, "avgpool", "bilinear"),
     ("AuxiliarySpec", "pkt_variant"): ("reference", "original"),
     ("ArmSpec", "warmup"): (None, "indistill", "none"),
     ("EvalSpec", "metrics"): ("cosine", "euclidean"),

@@ -55,10 +55,11 @@ __all__ = [
     "l1_filter_ranking",
     "physically_pruned_block",
     "prune_to_student",
+    "resize_map",
 ]
 
 IMPORTANCE_MODES = ("l1", "group")
-RESIZE_MODES = (None, "avgpool")
+RESIZE_MODES = (None, "avgpool", "bilinear")
 # Taps passed through unpruned so that a KD stage gets them from the same teacher forward.
 PASSTHROUGH = ("embedding", "logits")
 
@@ -249,6 +250,27 @@ def _group_rankings(
 # --------------------------------------------------------------------------- pruned teacher
 
 
+def resize_map(f: torch.Tensor, size: Sequence[int], mode: str | None) -> torch.Tensor:
+    """A (pruned) teacher map ``f`` (N, C, H, W) brought to the student's spatial ``size``.
+
+    Unchanged where the sizes already match or ``mode`` is None. ``"avgpool"``:
+    ``F.adaptive_avg_pool2d`` (each output cell the mean of its window; an
+    integer factor k is plain k x k average pooling, as the CRD benchmark
+    aligns maps of different sizes). ``"bilinear"``: ``F.interpolate(mode=
+    "bilinear", align_corners=False)`` (no antialiasing: shrinking by 2 equals
+    2 x 2 average pooling, by more it samples), the option when the teacher
+    map is smaller than the student's.
+    """
+    size = tuple(int(v) for v in size)
+    if mode is None or tuple(f.shape[2:]) == size:
+        return f
+    if mode == "avgpool":
+        return F.adaptive_avg_pool2d(f, size)
+    if mode == "bilinear":
+        return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+    raise UserError(f"unknown resize '{mode}'; choose 'avgpool', 'bilinear' or leave it unset (null)")
+
+
 def _buffer_name(tap: str) -> str:
     return "kept_" + "".join(c if c.isalnum() or c == "_" else "_" for c in tap)
 
@@ -257,8 +279,8 @@ class PrunedTeacher(nn.Module):
     """A frozen teacher whose taps are restricted to the channels kept for each student tap.
 
     ``forward(x)`` runs the teacher once (eval mode, no grad) and returns a
-    dict keyed by *student* tap name: ``teacher_tap[:, kept]`` (adaptive
-    average pooled to the student size if ``resize="avgpool"``), plus the
+    dict keyed by *student* tap name: ``teacher_tap[:, kept]`` (resized to the
+    student's spatial size by :func:`resize_map` where ``resize`` is set), plus the
     teacher's unpruned ``"embedding"`` and ``"logits"`` when the teacher has
     those taps and no pair already produces that name.
 
@@ -330,10 +352,7 @@ class PrunedTeacher(nn.Module):
             f = teacher_feats[t]
             if t in self._pruned:
                 f = f.index_select(1, kept[t].to(f.device))
-            student_shape = self.shapes[t][1]
-            if self.resize == "avgpool" and tuple(f.shape[2:]) != tuple(student_shape[1:]):
-                f = F.adaptive_avg_pool2d(f, tuple(student_shape[1:]))
-            out[s] = f
+            out[s] = resize_map(f, self.shapes[t][1][1:], self.resize)
         for n in PASSTHROUGH:
             if n in teacher_feats and n not in out:
                 out[n] = teacher_feats[n]
@@ -409,8 +428,11 @@ def prune_to_student(
         importance: ``"l1"`` (producer filter L1 norm) or ``"group"``
             (Torch-Pruning coupled-group L1 magnitude).
         producers: teacher tap -> module path, overriding the automatic producer.
-        resize: ``None`` (spatial sizes must match) or ``"avgpool"`` (adaptive
-            average pooling of the teacher map down to the student size).
+        resize: ``None`` (spatial sizes must match), ``"avgpool"`` (adaptive
+            average pooling of the teacher map down to the student size; it
+            cannot enlarge) or ``"bilinear"`` (bilinear interpolation,
+            ``align_corners=False``, to the student size, either way). Only
+            pairs whose sizes differ are resized; see :func:`resize_map`.
 
     Returns:
         A :class:`PrunedTeacher`; the teacher itself is frozen in place
@@ -423,7 +445,7 @@ def prune_to_student(
     if importance not in IMPORTANCE_MODES:
         raise UserError(f"unknown importance '{importance}'; choose one of: {', '.join(IMPORTANCE_MODES)}")
     if resize not in RESIZE_MODES:
-        raise UserError(f"unknown resize '{resize}'; choose 'avgpool' or leave it unset (null)")
+        raise UserError(f"unknown resize '{resize}'; choose 'avgpool', 'bilinear' or leave it unset (null)")
     t_specs = _specs_of(teacher, teacher_taps, "teacher")
     s_specs = _specs_of(student, student_taps, "student")
     pairs = _normalise_pairs(pairs, t_specs, s_specs)
@@ -443,12 +465,18 @@ def prune_to_student(
                 f"choose a wider teacher or a narrower student"
             )
         if ts[1:] != ss[1:]:
-            if resize != "avgpool":
+            if resize is None:
                 raise UserError(
-                    f"{what} differ in spatial size: choose taps with equal sizes, or opt in to resize: avgpool"
+                    f"{what} differ in spatial size: choose taps with equal sizes, or opt in to "
+                    f"resize: avgpool (shrinks the teacher map) or resize: bilinear (either way)"
                 )
-            if any(a < b for a, b in zip(ts[1:], ss[1:])):
-                raise UserError(f"{what}: resize avgpool only shrinks, but the teacher map is smaller; choose other taps")
+            if len(ts) != 3:
+                raise UserError(f"{what}: resize works on (C, H, W) feature maps only; choose taps with equal sizes")
+            if resize == "avgpool" and any(a < b for a, b in zip(ts[1:], ss[1:])):
+                raise UserError(
+                    f"{what}: resize avgpool only shrinks, but the teacher map is smaller; "
+                    f"choose other taps or resize: bilinear"
+                )
         shapes[t] = (ts, ss)
 
     to_prune = [t for t in pairs if shapes[t][0][0] != shapes[t][1][0]]
