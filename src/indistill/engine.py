@@ -452,17 +452,14 @@ class Engine:
         ddp.barrier()
         return summary
 
-    def _guard(self, stage: Stage, epoch: int, state: TrainState, row: dict[str, Any]) -> None:
-        """Stop a stage whose loss exploded (finite but ``loss_guard`` x its phase's first epoch)."""
-        if not self.loss_guard:
-            return
-        key = str(row.get("phase", ""))
-        loss = float(row.get("loss", 0.0))
-        ref = state.loss_ref.setdefault(key, loss)
-        if abs(loss) > self.loss_guard * max(abs(ref), 1e-8):
+    def _guard(self, stage: Stage, epoch: int, state: TrainState, key: str, loss: float) -> None:
+        """Stop a stage whose batch loss exploded: finite, but ``loss_guard`` x the first batch of its phase."""
+        ref = state.loss_ref.setdefault(key, abs(loss))
+        if self.loss_guard and abs(loss) > self.loss_guard * max(ref, 1e-8):
             raise UserError(
-                f"[{stage.name}] loss exploded at epoch {epoch + 1}: {loss:.3g}, {abs(loss / (ref or 1e-8)):.3g}x its "
-                f"first epoch's {ref:.3g}; lower the learning rate (or raise loss_guard); the last good epoch is kept"
+                f"[{stage.name}] loss exploded at epoch {epoch + 1}: {loss:.3g} is {abs(loss) / max(ref, 1e-8):.3g}x its "
+                f"phase's first batch ({ref:.3g}); lower the learning rate (or raise loss_guard); "
+                f"the last good epoch is kept"
             )
 
     def run_epoch(self, stage: Stage, epoch: int, state: TrainState, split: Split | None = None) -> dict[str, Any]:
@@ -487,6 +484,7 @@ class Engine:
             disable=not self.progress or not sys.stderr.isatty(), dynamic_ncols=True,
         )
         forward = state.forward if state.forward is not None else stage.loss_fn
+        phase_key = stage.phase(epoch) if stage.phase is not None else ""
         for batch, weight in bar:
             if self.channels_last:
                 batch = batch._replace(images=batch.images.contiguous(memory_format=torch.channels_last))
@@ -498,6 +496,8 @@ class Engine:
                     f"[{stage.name}] loss is {loss.item()} at epoch {epoch + 1} "
                     f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); lower the learning rate"
                 )
+            value = float(loss.detach())
+            self._guard(stage, epoch, state, phase_key, value)
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; the weight turns that into the global batch's mean.
             scaler.scale(loss * weight if weight != 1.0 else loss).backward()
@@ -507,7 +507,7 @@ class Engine:
             n_seen += bs
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * bs
+            totals["loss"] = totals.get("loss", 0.0) + value * bs
         if ddp.is_distributed():  # the row reports the whole global epoch, identically on every rank
             keys = list(totals)  # the same terms, in the same order, on every rank
             summed = ddp.all_reduce_sum(torch.tensor([n_seen] + [totals[k] for k in keys], dtype=torch.float64))

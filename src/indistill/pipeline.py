@@ -205,16 +205,18 @@ class Pipeline:
     def validate(self, one_batch: bool = False) -> None:
         """Build everything on untrained models: taps, widths, schedules, budgets, methods; with
         ``one_batch``, also push one batch through every stage's loss (no optimizer step)."""
-        models = {"teacher": build_model(self.cfg.teacher, self.data), "student": build_model(self.cfg.student, self.data)}
+        dev = self.device
+        models = {"teacher": build_model(self.cfg.teacher, self.data).to(dev),
+                  "student": build_model(self.cfg.student, self.data).to(dev)}
         if self.cfg.auxiliary.enabled:
-            models["auxiliary"] = build_model(self.cfg.auxiliary, self.data)
+            models["auxiliary"] = build_model(self.cfg.auxiliary, self.data).to(dev)
         for role, m in models.items():
             try:
                 tap_shapes(m, model_taps(m), self.input_shape)
             except UserError as e:
                 raise UserError(f"{role} taps: {e}") from None
         source = models.get("auxiliary", models["teacher"])
-        batch = next(iter(self.data.train.batches(min(8, len(self.data.train)), shuffle=False, device="cpu"))) if one_batch else None
+        batch = next(iter(self.data.train.batches(min(8, len(self.data.train)), shuffle=False, device=dev))) if one_batch else None
         if batch is not None:
             for role, m in models.items():
                 if role != "student":
@@ -226,7 +228,7 @@ class Pipeline:
                 finally:
                     st.close()
         for arm in resolve_arms(self.cfg):
-            student = build_model(self.cfg.student, self.data)
+            student = build_model(self.cfg.student, self.data).to(dev)
             stage = self.arm(arm, source, student)
             try:
                 if batch is not None:

@@ -78,7 +78,8 @@ class RunDir:
         if not isinstance(old, dict):
             raise UserError(f"{path} is unreadable; delete that run directory or use another name=...")
         new = to_dict(cfg)
-        diff = [k for k in new if k not in LOCATION_KEYS and old.get(k) != new[k]]
+        defaults = to_dict(Config())  # a key added after the run was made compares as its default
+        diff = [k for k in new if k not in LOCATION_KEYS and old.get(k, defaults.get(k)) != new[k]]
         if diff:
             raise UserError(
                 f"{self.path} holds a run with a different config (differs in: {', '.join(diff)}); "

@@ -1,0 +1,77 @@
+"""`indistill grid`: paired statistics checked against a direct computation from the cells' JSON, and
+parallel workers giving the same cells as a sequential grid."""
+
+import json
+import math
+import shutil
+
+import pytest
+from scipy import stats
+
+from indistill.cli import main
+from indistill.grid import paired, summarise
+from indistill.config import ArmSpec
+
+ARGS = ["configs/demo_digits.yaml", "--seeds", "2", "--threads", "1", "data.train_subset=200", "data.test_subset=100",
+        "teacher.train.epochs=2", "student.train.epochs=8", "warmup.a=0", "evaluate.protocols=[standard]",
+        "arms=[{name: kd, warmup: none, method: kd}, {name: indistill_kd, warmup: indistill, method: kd}]"]
+
+
+def _cells(root):
+    out = {}
+    for seed in (0, 1):
+        for arm in ("kd", "indistill_kd"):
+            res = json.loads((root / "cells" / f"s{seed}" / arm / "results.json").read_text())
+            out[(seed, arm)] = res["models"][arm]
+    return out
+
+
+def test_grid_pairs_arms_and_its_statistics_match_a_direct_computation(tmp_path, capsys):
+    assert main(["grid", *ARGS, "--workers", "2", f"out_dir={tmp_path / 'par'}"]) == 0
+    root = tmp_path / "par" / "demo_digits"
+    grid = json.loads((root / "grid.json").read_text())["summary"]
+    cells = _cells(root)
+    for metric in ("top1", "retrieval/cosine/standard/map"):
+        d = [cells[(s, "indistill_kd")][metric] - cells[(s, "kd")][metric] for s in (0, 1)]
+        mean = sum(d) / 2
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d))  # n - 1 = 1
+        half = stats.t.ppf(0.975, 1) * sd / math.sqrt(2)
+        got = grid["paired"]["indistill_kd"]["metrics"][metric]
+        assert got["mean"] == pytest.approx(mean) and got["ci_half"] == pytest.approx(half)
+        assert got["wins"] == sum(x > 0 for x in d)
+        vals = [cells[(s, "kd")][metric] for s in (0, 1)]
+        assert grid["arms"]["kd"][metric]["mean"] == pytest.approx(sum(vals) / 2)
+        assert grid["arms"]["kd"][metric]["min"] == min(vals)
+    # paired: within a seed both arms started from the same student (same seed in each cell's config)
+    for seed in (0, 1):
+        for arm in ("kd", "indistill_kd"):
+            assert f"seed: {seed}\n" in (root / "cells" / f"s{seed}" / f"{arm}.yaml").read_text()
+    assert (root / "grid.md").is_file() and list((root / "plots").glob("grid_*.png"))
+    assert "indistill_kd - kd" in (root / "grid.md").read_text()
+    # a re-run finds every cell finished and trains nothing
+    n = {p: p.stat().st_mtime_ns for p in root.glob("cells/*/*/results.json")}
+    assert main(["grid", *ARGS, "--workers", "2", f"out_dir={tmp_path / 'par'}"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in root.glob("cells/*/*/results.json")} == n
+
+    # sequential cells (1 worker, same threads per cell) give the same numbers, bit for bit
+    seq = tmp_path / "seq" / "demo_digits"
+    seq.mkdir(parents=True)
+    shutil.copytree(root / "shared", seq / "shared")  # the same shared teacher, as the grid would reuse it
+    assert main(["grid", *ARGS, "--workers", "1", f"out_dir={tmp_path / 'seq'}"]) == 0
+    assert {k: v["top1"] for k, v in _cells(seq).items()} == {k: v["top1"] for k, v in cells.items()}
+    assert {k: v["retrieval/cosine/standard/map"] for k, v in _cells(seq).items()} == \
+        {k: v["retrieval/cosine/standard/map"] for k, v in cells.items()}
+
+
+def test_paired_statistics_by_hand():
+    p = paired([0.5, -0.1, 0.3])
+    assert p["mean"] == pytest.approx(0.7 / 3)
+    sd = math.sqrt(((0.5 - 0.7 / 3) ** 2 + (-0.1 - 0.7 / 3) ** 2 + (0.3 - 0.7 / 3) ** 2) / 2)
+    assert p["std"] == pytest.approx(sd)
+    assert p["ci_half"] == pytest.approx(4.302652729911275 * sd / math.sqrt(3))  # t(0.975, 2)
+    assert (p["wins"], p["losses"]) == (2, 1)
+    arms = [ArmSpec("m", "none", "kd", {}), ArmSpec("w", "indistill", "kd", {}), ArmSpec("c", "none", "ce", {})]
+    s = summarise({0: {"m": {"top1": 80.0}, "w": {"top1": 81.0}, "c": {"top1": 70.0}},
+                   1: {"m": {"top1": 82.0}, "w": {"top1": 82.5}, "c": {"top1": 71.0}}}, arms)
+    assert list(s["paired"]) == ["w"] and s["paired"]["w"]["baseline"] == "m"
+    assert s["paired"]["w"]["metrics"]["top1"]["values"] == [1.0, 0.5]
