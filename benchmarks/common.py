@@ -73,11 +73,13 @@ def emit(result: dict[str, Any]) -> None:
     print(MARKER + json.dumps(result), flush=True)
 
 
-def run_case(module: str, case: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``python -m <module> --case <json>`` in a fresh interpreter; return its result (or the error)."""
+def run_case(module: str, case: dict[str, Any], timeout: float = 600.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m <module> --case <json>`` in a fresh interpreter (``env`` added to the environment);
+    return its result (or the error)."""
     cmd = [sys.executable, "-m", module, "--case", json.dumps(case)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.setdefault("PYTHONHASHSEED", "0")
+    load = load_average()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -89,9 +91,11 @@ def run_case(module: str, case: dict[str, Any], timeout: float = 600.0) -> dict[
             out = json.loads(line[len(MARKER):])
             out.setdefault("case", case)
             out["subprocess_wall_s"] = round(wall, 2)
+            out["load_at_start"] = load
             return out
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"case": case, "error": f"exit {proc.returncode}: " + " | ".join(tail), "subprocess_wall_s": round(wall, 2)}
+    return {"case": case, "error": f"exit {proc.returncode}: " + " | ".join(tail), "subprocess_wall_s": round(wall, 2),
+            "load_at_start": load}
 
 
 def run_cases(module: str, cases: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str],
