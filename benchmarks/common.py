@@ -175,6 +175,7 @@ def render_readme(results_dir: Path = RESULTS_DIR) -> str:
     from . import end_to_end, memory, throughput
 
     renderers: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+        "throughput_kd": throughput.render_kd,  # before "throughput": the first prefix match wins
         "throughput": throughput.render,
         "memory": memory.render,
         "end_to_end": end_to_end.render,

@@ -184,6 +184,13 @@ def build_stage(case: dict[str, Any], data, *, pkg: str = "indistill") -> Built:
     return built.begin()
 
 
+def case_data(case: dict[str, Any], pkg: str = "indistill"):
+    """``load_data`` as the case asks: ``source`` (auto | fashion_mnist | random) and, for random data,
+    ``n_train`` images."""
+    return load_data(case.get("source", "auto"), n_train=case.get("n_train", FULL_TRAIN),
+                     test_subset=case.get("test_subset", 512), pkg=pkg)
+
+
 def _threads(case: dict[str, Any]) -> None:
     import torch
 
@@ -197,7 +204,7 @@ def stage_case(case: dict[str, Any]) -> dict[str, Any]:
 
     _threads(case)
     torch.manual_seed(0)
-    data, source = load_data(case.get("source", "auto"))
+    data, source = case_data(case)
     bs = case.get("batch_size", 128)
     built = build_stage(case, data)
     out: dict[str, Any] = {"epoch_measured": built.epoch, "phase": built.phase}
@@ -268,7 +275,7 @@ def interleaved_case(case: dict[str, Any]) -> dict[str, Any]:
     pkgs = {"current": "indistill"}
     if any(e.get("code") == "base" for e in entries):
         pkgs["base"] = import_base(case["base_ref"])
-    datas = {code: load_data(case.get("source", "auto"), pkg=pkg) for code, pkg in pkgs.items()}
+    datas = {code: case_data(case, pkg) for code, pkg in pkgs.items()}
     built: dict[str, Built] = {}
     splits: dict[str, tuple[Any, Any]] = {}
     try:
@@ -296,7 +303,8 @@ def interleaved_case(case: dict[str, Any]) -> dict[str, Any]:
         "time_s": {k: summarize(v) for k, v in times.items()},
         "images_per_s": {k: summarize([n_img / t for t in v]) for k, v in times.items()},
         "ratio_to_ref": {k: summarize([t / r for t, r in zip(v, times[ref])]) for k, v in times.items()},
-        "ref": ref, "losses": losses, "data_source": datas["current"][1], "torch_threads": torch.get_num_threads(),
+        "ref": ref, "rounds_time_s": times, "losses": losses, "data_source": datas["current"][1],
+        "torch_threads": torch.get_num_threads(),
         "phases": {k: b.phase for k, b in built.items()},
     }
     out["summary"] = " ".join(f"{k} x{v['median']:.2f}" for k, v in out["ratio_to_ref"].items() if k != ref)
@@ -309,7 +317,7 @@ def loop_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     _threads(case)
-    data, source = load_data(case.get("source", "auto"))
+    data, source = case_data(case)
     bs = case.get("batch_size", 128)
     built = build_stage(case, data)
     try:
@@ -337,7 +345,7 @@ def procs_case(case: dict[str, Any]) -> dict[str, Any]:
     from .common import run_case
 
     rounds: list[dict[str, Any]] = []
-    worker = {k: case[k] for k in ("pair", "stage", "variant", "batch_size", "batches", "seconds", "source") if k in case}
+    worker = {k: case[k] for k in ("pair", "stage", "variant", "batch_size", "batches", "seconds", "source", "n_train") if k in case}
     for i in range(case["rounds"]):
         for mode in ("1x2", "2x1") if i % 2 == 0 else ("2x1", "1x2"):
             la = load_average()
@@ -374,7 +382,7 @@ def env_case(case: dict[str, Any]) -> dict[str, Any]:
     from .common import run_case
 
     envs = {"default": {}, "malloc": MALLOC_ENV}
-    worker = {k: case[k] for k in ("pair", "stage", "variant", "batch_size", "batches", "seconds", "source", "threads") if k in case}
+    worker = {k: case[k] for k in ("pair", "stage", "variant", "batch_size", "batches", "seconds", "source", "n_train", "threads") if k in case}
     rounds = []
     for i in range(case["rounds"]):
         for mode in ("default", "malloc") if i % 2 == 0 else ("malloc", "default"):
@@ -416,7 +424,7 @@ def profile_case(case: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     _threads(case)
-    data, source = load_data(case.get("source", "auto"))
+    data, source = case_data(case)
     bs = case.get("batch_size", 128)
     built = build_stage(case, data)
     try:
@@ -435,6 +443,91 @@ def profile_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"phase": built.phase, "step_ms": row["time_s"] * 1e3 / case["batches"], "ops_per_step": n_ops,
             "top_ops": top, "data_source": source, "torch_threads": torch.get_num_threads(),
             "summary": f"{row['time_s'] * 1e3 / case['batches']:.1f} ms/step, {n_ops:.0f} ops/step"}
+
+
+def parts_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Where a KD step's time goes, by component: each part timed alone over the same ``batches``
+    batches, interleaved over ``repeats`` rounds, next to the whole step through ``Engine.run_epoch``.
+
+    Parts: the batch (gather, crop, flip, normalise), the frozen source's forward (no grad, its taps),
+    the student's forward with its taps, the stage's whole loss function (source forward included) +
+    backward, the
+    loss alone (forward + backward on detached inputs) and the optimizer step (zero_grad + step)."""
+    import torch
+
+    _threads(case)
+    data, source = case_data(case)
+    bs = case.get("batch_size", 128)
+    built = build_stage(case, data)
+    stage, st = built.stage, built.state
+    split = subset(data.train, case["batches"] * bs)
+    epoch = built.epoch
+    try:
+        built.run(subset(data.train, case.get("warm", 2) * bs))
+        batches = list(split.batches(bs, shuffle=True, seed=0, epoch=epoch))
+        from indistill.models import Taps, model_taps
+
+        method = stage.extra
+        src = stage.frozen[0] if stage.frozen and getattr(method, "needs_teacher", True) else None
+        s_taps = Taps(stage.model, {k: v for k, v in model_taps(stage.model).items() if k in ("embedding", "logits")})
+        t_taps = Taps(src, {k: v for k, v in model_taps(src).items() if k in ("embedding", "logits")}) if src is not None else None
+
+        def data_part():
+            for _ in split.batches(bs, shuffle=True, seed=0, epoch=epoch):
+                pass
+
+        def source_part():
+            if t_taps is not None:
+                with torch.no_grad():
+                    for b in batches:
+                        t_taps(b.images)
+
+        def student_fwd():
+            for b in batches:
+                s_taps(b.images)
+
+        def fwd_loss_bwd():
+            for b in batches:
+                sum(stage.loss_fn(b, epoch).values()).backward()
+
+        feats = []
+        if t_taps is not None and method is not None:
+            with torch.no_grad():
+                for b in batches:
+                    _, s = s_taps(b.images)
+                    _, t = t_taps(b.images)
+                    feats.append(({k: v.detach().requires_grad_(True) for k, v in s.items()}, t, b))
+
+        def loss_part():
+            for s, t, b in feats:
+                sum(method(s, t, b, epoch).values()).backward()
+
+        def opt_part():
+            for _ in batches:
+                st.optimizer.zero_grad(set_to_none=True)
+                st.optimizer.step()
+
+        parts = {"data": data_part, "source_forward": source_part, "student_forward": student_fwd,
+                 "loss_fn+backward": fwd_loss_bwd, "loss_fwd+bwd": loss_part, "optimizer": opt_part}
+        times: dict[str, list[float]] = {k: [] for k in [*parts, "step"]}
+        for _ in range(case["repeats"]):
+            for k, f in parts.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t0) / len(batches) * 1e3)
+            # the real step last: the parts above ran optimizer steps with empty grads (Adam skips those)
+            times["step"].append(built.run(split)["time_s"] / len(batches) * 1e3)
+        s_taps.remove()
+        if t_taps is not None:
+            t_taps.remove()
+    finally:
+        built.close()
+    med = {k: summarize(v) for k, v in times.items()}
+    step = med["step"]["median"]
+    share = {k: v["median"] / step for k, v in med.items() if k != "step"}
+    return {"phase": built.phase, "ms_per_step": med, "share_of_step": share, "data_source": source,
+            "torch_threads": torch.get_num_threads(),
+            "summary": f"step {step:.1f} ms: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())}
 
 
 class LoaderSplit:
@@ -526,7 +619,7 @@ def accuracy_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 CASE_KINDS = {"stage": stage_case, "interleaved": interleaved_case, "loop": loop_case, "procs": procs_case,
-              "profile": profile_case, "accuracy": accuracy_case, "env": env_case}
+              "profile": profile_case, "accuracy": accuracy_case, "env": env_case, "parts": parts_case}
 
 
 def case_fn(case: dict[str, Any]) -> dict[str, Any]:
@@ -592,7 +685,7 @@ def _label(c: dict[str, Any]) -> str:
         return f"{c.get('pair', 'cnn')} {c.get('name', '')} interleaved: {', '.join(_entry_key(e) for e in c['entries'])}{th}"
     if c["kind"] == "accuracy":
         return f"accuracy cnn32_small {c['variant']} ({c['train']} imgs x {c['epochs']} ep)"
-    if c["kind"] in ("procs", "profile", "loop", "env"):
+    if c["kind"] in ("procs", "profile", "loop", "env", "parts"):
         return f"{c['kind']} {c['pair']} {c['stage']}{th}"
     return f"{c['pair']} {c['stage']} {c['variant']} {c['data']}{th}"
 
@@ -653,6 +746,9 @@ def kd_cases(quick: bool, ref: str | None = None) -> list[dict[str, Any]]:
     for stage in ("kd:pkt", "kd:ce", "warmup_mse", "supervised"):
         out.append({"kind": "profile", "pair": "cnn", "stage": stage, "warm": 2, "batches": 4 if quick else 10,
                     "threads": 1, "top": 25})
+    for stage in ("kd:pkt", "kd:ce", "aux_pkt"):
+        out.append({"kind": "parts", "pair": "cnn", "stage": stage, "warm": 2, "batches": 4 if quick else 8,
+                    "repeats": 3 if quick else 7, "threads": 1})
     stages = ["kd:pkt", "warmup_mse", "warmup:stage2", "warmup:stage3", "warmup_pkt", "kd:ce", "supervised", "aux_pkt"]
     entries = [{"stage": st, "code": code} for st in stages for code in ("base", "current")]
     for threads in (1, None) if not quick else (1,):
@@ -753,3 +849,82 @@ def render(payload: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":
     case_main(case_fn)
+
+
+def render_kd(payload: dict[str, Any]) -> list[str]:
+    """``throughput_kd.json``: the KD-step study."""
+    rows = payload.get("cases", [])
+    kind = lambda k: [r for r in rows if r.get("case", {}).get("kind") == k]  # noqa: E731
+    lines = ["Cnn32 (frozen source) -> Cnn32-small, batch 128, PKT reference variant, Fashion-MNIST-shaped",
+             "1x32x32 input; one intra-op thread unless said otherwise (the grid's workers run one each).", ""]
+    parts = kind("parts")
+    if parts:
+        lines += ["#### Where a step's time goes, by component (ms per step, median; share of the whole step)", "",
+                  "Each component timed alone on the same batches, interleaved with whole steps through",
+                  "`Engine.run_epoch`. `loss_fn+backward` is the stage's loss function (source forward included)",
+                  "plus backward; the student's backward is what it leaves after the source, student forward and loss.", ""]
+        keys = ["data", "source_forward", "student_forward", "loss_fwd+bwd", "loss_fn+backward", "optimizer"]
+        body = []
+        for r in parts:
+            if "error" in r:
+                body.append([r["case"]["stage"], "error: " + r["error"][:80]] + [""] * len(keys))
+                continue
+            ms = r["ms_per_step"]
+            body.append([r["case"]["stage"], f"{ms['step']['median']:.1f}",
+                         *[f"{ms[k]['median']:.1f} ({100 * r['share_of_step'][k]:.0f}%)" for k in keys]])
+        lines += table(["stage", "step ms", *keys], body)
+        lines += [f"load average at start: {', '.join(str(r.get('load_at_start')) for r in parts)}", ""]
+    prof = kind("profile")
+    if prof:
+        lines += ["#### torch.profiler: top operators by self CPU time (share of the profiled steps' wall time)", ""]
+        for r in prof:
+            if "error" in r:
+                lines += [f"{r['case']['stage']}: error {r['error'][:120]}", ""]
+                continue
+            top = ", ".join(f"{o['op'].replace('aten::', '')} {100 * o['share']:.0f}%" for o in r["top_ops"][:8])
+            lines += [f"- `{r['case']['stage']}` ({r.get('phase') or 'supervised'}): {r['step_ms']:.1f} ms/step, "
+                      f"{r['ops_per_step']:.0f} profiler events/step; {top} (load at start {r.get('load_at_start')})"]
+        lines += [""]
+    ab = kind("interleaved")
+    if ab:
+        lines += ["#### Before / after the performance changes, interleaved in one process", "",
+                  "`@base` = the stage built by `src/indistill` at the branch's merge base with main, with that",
+                  "version's data pipeline; ratio = per-round time / time of `kd:pkt@base` (< 1 is faster).", ""]
+        lines += render_interleaved(ab)
+        for r in ab:
+            if "error" in r:
+                continue
+            ips = r["images_per_s"]
+            sp = [[k, f"{ips[k + '@base']['median']:.0f}", f"{ips[k]['median']:.0f}", f"{_speedup(r, k):.3f}"]
+                  for k in ips if not k.endswith("@base") and k + "@base" in ips]
+            lines += [f"Speed-up per stage (threads {r['case'].get('threads') or 'default'}; time(base) / time(current)):", ""]
+            lines += table(["stage", "img/s base", "img/s current", "speed-up"], sp) + [""]
+    procs = kind("procs")
+    if procs:
+        lines += ["#### KD step: 2 processes x 1 thread vs 1 process x 2 threads (total img/s)", ""]
+        for r in procs:
+            t = r.get("images_per_s_total", {})
+            lines += table(["mode", "total img/s median (min-max)", "rounds"],
+                           [[m, _mm(t.get(m), ".0f"), (t.get(m) or {}).get("n")] for m in ("2x1", "1x2")])
+            lines += ["", f"2x1 / 1x2 = {_mm(r.get('ratio_2x1_over_1x2'))}; load average per round: "
+                      + ", ".join(f"{x['mode']} {x['load']}" for x in r.get("rounds", [])), ""]
+    env = kind("env")
+    if env:
+        lines += ["#### glibc malloc settings (same code, same results): KD step, 1 thread, fresh process each", ""]
+        for r in env:
+            ips, rss = r.get("images_per_s", {}), r.get("max_rss_mb", {})
+            lines += table(["environment", "img/s median (min-max)", "peak RSS MiB"],
+                           [[m if m == "default" else " ".join(f"{k}={v}" for k, v in r.get("env", {}).items()),
+                             _mm(ips.get(m), ".0f"), _mm(rss.get(m), ".0f")] for m in ("default", "malloc")])
+            lines += ["", f"malloc / default = {_mm(r.get('ratio_malloc_over_default'))}; load average per run: "
+                      + ", ".join(f"{x['mode']} {x['load']}" for x in r.get("rounds", [])), ""]
+    return lines
+
+
+def _speedup(r: dict[str, Any], key: str) -> float:
+    """time(base) / time(current) of an interleaved entry: the median of per-round ratios when the
+    per-round times are stored, else the ratio of the median times."""
+    rounds = r.get("rounds_time_s")
+    if rounds:
+        return summarize([b / a for b, a in zip(rounds[key + "@base"], rounds[key])])["median"]
+    return r["time_s"][key + "@base"]["median"] / r["time_s"][key]["median"]
