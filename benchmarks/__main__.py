@@ -7,7 +7,7 @@ import importlib
 import sys
 import time
 
-from .common import README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
+from .common import HARNESS, README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
 
 BENCHMARKS = ("throughput", "throughput_kd", "memory", "end_to_end", "retrieval")
 # benchmark name -> (module, function): throughput_kd is the KD-step study in throughput.py
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             payload = run(args.quick, args.full) if name == "end_to_end" else run(args.quick)
             payload = dict(payload) if isinstance(payload, dict) else {"result": payload}
             payload.update({
-                "benchmark": name, "quick": args.quick, "machine": machine_info(), "load_before": before,
+                "benchmark": name, "harness": HARNESS, "quick": args.quick, "machine": machine_info(), "load_before": before,
                 "load_after": load_average(), "wall_s": time.perf_counter() - t0,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
 MARKER = "BENCH_RESULT "
+# Results written by the public-API harness carry this tag; older ones are flagged in the README.
+HARNESS = "public-api"
+STALE_BEFORE_REBUILD = ("throughput", "memory", "end_to_end")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -202,6 +205,10 @@ def render_readme(results_dir: Path = RESULTS_DIR) -> str:
         if isinstance(payload, dict) and "load_before" in payload:  # written by this runner
             lines += [_machine_line(payload), ""]
         render = next((f for k, f in renderers.items() if name == k or name.startswith(k + "_")), render_generic)
+        if name in STALE_BEFORE_REBUILD and isinstance(payload, dict) and payload.get("harness") != HARNESS:
+            lines += [f"_Measured by the previous harness, on the pipeline before its rebuild (separate warmup and KD stages,"
+                      f" private `Engine._epoch`); stage names differ from today's. Refresh with"
+                      f" `python -m benchmarks --quick --only {name}` on an idle machine._", ""]
         try:
             lines += render(payload)
         except Exception as e:  # a result file of another shape must not break the README
