@@ -7,9 +7,11 @@ import importlib
 import sys
 import time
 
-from .common import README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
+from .common import HARNESS, README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
 
-BENCHMARKS = ("throughput", "memory", "end_to_end", "retrieval")
+BENCHMARKS = ("throughput", "throughput_kd", "memory", "end_to_end", "retrieval")
+# benchmark name -> (module, function): throughput_kd is the KD-step study in throughput.py
+ENTRY = {"throughput_kd": ("throughput", "run_kd")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,17 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.readme_only:
         for name in args.only or BENCHMARKS:
+            module, fn = ENTRY.get(name, (name, "run"))
             try:
-                mod = importlib.import_module(f"benchmarks.{name}")
+                mod = importlib.import_module(f"benchmarks.{module}")
             except ImportError as e:
                 print(f"{name}: skipped ({e})", flush=True)
                 continue
             print(f"{name}:", flush=True)
             before, t0 = load_average(), time.perf_counter()
-            payload = mod.run(args.quick, args.full) if name == "end_to_end" else mod.run(args.quick)
+            run = getattr(mod, fn)
+            payload = run(args.quick, args.full) if name == "end_to_end" else run(args.quick)
             payload = dict(payload) if isinstance(payload, dict) else {"result": payload}
             payload.update({
-                "benchmark": name, "quick": args.quick, "machine": machine_info(), "load_before": before,
+                "benchmark": name, "harness": HARNESS, "quick": args.quick, "machine": machine_info(), "load_before": before,
                 "load_after": load_average(), "wall_s": time.perf_counter() - t0,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),

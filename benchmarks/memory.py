@@ -1,5 +1,7 @@
 """Peak memory of each training stage and of retrieval evaluation, one subprocess per case.
 
+Stages are those of :mod:`benchmarks.throughput` (built with the public stage builders and
+``Pipeline.arm``, run through ``Engine.begin`` + ``Engine.run_epoch``).
 Peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the case's own interpreter; a ``baseline``
 case (imports, data loaded, models built, no training) is measured the same way so the stage's
 own cost is ``peak - baseline``. On CUDA ``torch.cuda.max_memory_allocated`` is recorded too.
@@ -31,12 +33,12 @@ def baseline_case(case: dict[str, Any]) -> dict[str, Any]:
     from indistill.config import load_config
     from indistill.pipeline import Pipeline
 
-    from .throughput import load_data
+    from .throughput import case_data
 
-    data, _ = load_data(test_subset=512)
+    data, _ = case_data(case)
     t, s = PAIRS[case["pair"]]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"out_dir={tmp}", "progress=false", f"teacher.name={t}", f"student.name={s}"])
+        cfg = load_config(None, [f"out_dir={tmp}", "progress=false", "device=cpu", f"teacher.name={t}", f"student.name={s}"])
         pipe = Pipeline(cfg, data=data)
         pipe.build_model(cfg.teacher), pipe.build_model(cfg.student)
     torch.manual_seed(0)
@@ -71,7 +73,8 @@ def case_fn(case: dict[str, Any]) -> dict[str, Any]:
     elif case["kind"] == "retrieval":
         return retrieval_case(case)
     else:
-        # stage_case runs the real pipeline stage (warm-up plus timed batches); the peak covers both.
+        # stage_case builds the stage with the public builders and runs it through Engine.run_epoch
+        # (warm-up plus timed batches); the peak covers both.
         out = stage_case(case)
         out = {k: out[k] for k in ("error", "phase", "data_source") if k in out}
         out["cuda_max_allocated_mb"] = _cuda_peak()
@@ -85,7 +88,7 @@ def cases(quick: bool) -> list[dict[str, Any]]:
     for pair in PAIRS:
         out.append({"kind": "baseline", "pair": pair})
         for stage in STAGES:
-            if quick and pair == "resnet" and stage not in ("ce", "warmup_mse", "kd:pkt", "kd:crd"):
+            if quick and pair == "resnet" and stage not in ("supervised", "warmup_mse", "kd:pkt", "kd:crd"):
                 continue  # ~4 s per ResNet batch on 2 cores
             out.append({"kind": "stage", "pair": pair, "stage": stage, "variant": "fp32", "data": "memory",
                         "batch_size": 128, "warm": 1, "batches": 1, "repeats": 1, "budget_s": 0})

@@ -21,7 +21,7 @@ from .curriculum import Schedule, default_schedule
 from .data.base import Batch
 from .errors import UserError
 from .methods import pkt_loss
-from .models import model_taps
+from .models import Taps, model_taps
 from .pairing import pair_stage_taps, stage_taps
 from .prune import PrunedTeacher, prune_to_student
 
@@ -63,13 +63,40 @@ class InDistillWarmup(nn.Module):
     def forward(self, student: Mapping[str, torch.Tensor], batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         """The active phase's loss between the student's tap and the pruned source's target."""
         phase = self.schedule.phase_at(epoch)
+        key = phase.tap if phase.loss == "mse" else "embedding"
         with torch.no_grad():
-            target = self.pruned(batch.images)
+            target = self.target(batch.images, key)
         s = student[phase.tap]
         if phase.loss == "mse":
-            return {f"mse/{phase.tap}": F.mse_loss(s.flatten(1), target[phase.tap].flatten(1))}
+            return {f"mse/{phase.tap}": F.mse_loss(s.flatten(1), target.flatten(1))}
         variant = "original" if phase.loss == "pkt_original" else "reference"
-        return {f"pkt/{phase.tap}": pkt_loss(s, target["embedding"], variant=variant)}
+        return {f"pkt/{phase.tap}": pkt_loss(s, target, variant=variant)}
+
+    @torch.no_grad()
+    def target(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """``self.pruned(x)[key]``, running the frozen source only as far as that one tap.
+
+        A phase reads one target, so the source's forward stops where that tap is captured (a stage1
+        phase runs only the source's first block). The selection is ``PrunedTeacher.targets_from``'s
+        (the kept channels, then the optional resize), applied to that one tap; the result is the
+        same tensor, bit for bit (``tests/test_perf_equivalence.py``).
+        """
+        pruned = self.pruned
+        pruned.teacher.eval()
+        t = next((t for t, s in pruned.pairs.items() if s == key), None)
+        if t is None:  # an unpaired embedding/logits tap passes through unpruned
+            if key not in pruned.tap_specs:
+                raise UserError(f"the warmup's source has no '{key}' tap; name it in its taps")
+            with Taps(pruned.teacher, {key: pruned.tap_specs[key]}) as taps:
+                return taps.capture(x)[key]
+        with Taps(pruned.teacher, {t: pruned.tap_specs[t]}) as taps:
+            f = taps.capture(x)[t]
+        if t in pruned._pruned:
+            f = f.index_select(1, pruned.kept[t].to(f.device))
+        student_shape = pruned.shapes[t][1]
+        if pruned.resize == "avgpool" and tuple(f.shape[2:]) != tuple(student_shape[1:]):
+            f = F.adaptive_avg_pool2d(f, tuple(student_shape[1:]))
+        return f
 
 
 def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str]) -> Schedule:

@@ -20,6 +20,10 @@ from ..errors import UserError, suggest
 OUTPUT = "@output"
 
 
+class _Captured(Exception):
+    """Raised by a hook to end a forward once every requested tap is captured (:meth:`Taps.capture`)."""
+
+
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
     """Return the submodule at ``path``; a wrong path raises ``UserError`` naming near matches."""
     modules = dict(model.named_modules())
@@ -58,6 +62,7 @@ class Taps:
         self.model = model
         self.specs = dict(specs)
         self._store: dict[str, torch.Tensor] = {}
+        self._until: frozenset[str] | None = None  # set by capture(): stop the forward once these are stored
         self._handles: list[Any] = []
         for name, spec in self.specs.items():
             path, kind = parse_spec(spec)
@@ -72,12 +77,16 @@ class Taps:
     def _hook(self, name: str):
         def hook(_m, _inp, out):
             self._store[name] = out
+            if self._until is not None and self._until.issubset(self._store):
+                raise _Captured
 
         return hook
 
     def _pre_hook(self, name: str):
         def hook(_m, inp):
             self._store[name] = inp[0]
+            if self._until is not None and self._until.issubset(self._store):
+                raise _Captured
 
         return hook
 
@@ -96,6 +105,39 @@ class Taps:
                 )
         # Flatten the classifier input so embeddings are (N, D) whatever the model does.
         return out, {k: (v.flatten(1) if self.specs[k].endswith(":in") and v.dim() > 2 else v) for k, v in feats.items()}
+
+    def capture(self, *args, names=None, **kwargs) -> dict[str, torch.Tensor]:
+        """Only the taps ``names`` (default: all), ending the forward as soon as they are all captured.
+
+        Layers after the last requested tap do not run, so use it where those layers have no effect
+        that matters: a frozen model in eval mode (a BatchNorm in train mode there would skip its
+        running-statistics update). The returned tensors are the ones :meth:`__call__` returns for
+        those taps; a request for ``@output`` runs the whole forward.
+        """
+        names = list(self.specs) if names is None else list(names)
+        unknown = [n for n in names if n not in self.specs]
+        if unknown:
+            raise UserError(f"no tap named {', '.join(unknown)}; taps: {', '.join(self.specs)}")
+        if any(self.specs[n] == OUTPUT for n in names):
+            _, feats = self(*args, **kwargs)
+            return {n: feats[n] for n in names}
+        self._store = {}
+        self._until = frozenset(names)
+        try:
+            self.model(*args, **kwargs)
+        except _Captured:
+            pass
+        finally:
+            self._until = None
+        feats = {n: self._store[n] for n in names if n in self._store}
+        self._store = {}
+        missing = [n for n in names if n not in feats]
+        if missing:
+            raise UserError(
+                f"tap '{missing[0]}' ({self.specs[missing[0]]}) was not reached by {type(self.model).__name__}.forward; "
+                f"choose a module that the forward pass calls"
+            )
+        return {k: (v.flatten(1) if self.specs[k].endswith(":in") and v.dim() > 2 else v) for k, v in feats.items()}
 
     def remove(self) -> None:
         for h in self._handles:
