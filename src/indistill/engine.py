@@ -398,7 +398,6 @@ class Engine:
         state.scheduler.step()
         # Rank 0's buffers on every rank: what rank 0 checkpoints, and what every rank evaluates with.
         ddp.broadcast_buffers(stage.model, stage.extra)
-        self._guard(stage, epoch, state, row)
         every = stage.train.eval_every
         due = every and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
         if stage.evaluate is not None and due and (stage.eval_epochs is None or stage.eval_epochs(epoch)):
