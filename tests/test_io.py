@@ -81,17 +81,6 @@ def test_export_differs_when_weights_differ(tmp_path):
     assert a != b
 
 
-def test_export_rejects_unsupported_dtype(tmp_path):
-    m = nn.Module()
-    m.register_buffer("z", torch.zeros(2, dtype=torch.complex64))
-    with pytest.raises(UserError, match="complex64"):
-        export_safetensors(m, tmp_path / "z.safetensors")
-    assert _files(tmp_path) == []
-
-
-# ---------------------------------------------------------------- atomic text / JSON
-
-
 def test_atomic_write_text_and_json_write_and_replace(tmp_path):
     p = atomic_write_text(tmp_path / "new" / "a.yaml", "x: 1\n")
     assert p.read_text() == "x: 1\n"

@@ -285,7 +285,8 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("SchedulerSpec", "gamma"): _Range(0, lo_incl=False, hi=1),
     ("WarmupSpec", "a"): _AT_LEAST_0,
     ("WarmupSpec", "phase_epochs"): _AT_LEAST_1,
-    ("WarmupSpec", "epochs"): _AT_LEAST_0,  # mode none trains no warmup epochs
+    ("WarmupSpec", "embedding_epochs"): _AT_LEAST_0,  # 0: the arm's method follows the tap phases
+    ("Config", "loss_guard"): _AT_LEAST_0,  # 0: off
     ("EvalSpec", "ks"): _AT_LEAST_1,
 }
 

@@ -23,7 +23,7 @@ from .errors import UserError
 from .methods import pkt_loss
 from .models import Taps, model_taps
 from .pairing import pair_stage_taps, stage_taps
-from .prune import PrunedTeacher, prune_to_student
+from .prune import PrunedTeacher, prune_to_student, resize_map
 
 
 class InDistillWarmup(nn.Module):
@@ -93,10 +93,7 @@ class InDistillWarmup(nn.Module):
             f = taps.capture(x)[t]
         if t in pruned._pruned:
             f = f.index_select(1, pruned.kept[t].to(f.device))
-        student_shape = pruned.shapes[t][1]
-        if pruned.resize == "avgpool" and tuple(f.shape[2:]) != tuple(student_shape[1:]):
-            f = F.adaptive_avg_pool2d(f, tuple(student_shape[1:]))
-        return f
+        return resize_map(f, pruned.shapes[t][1][1:], pruned.resize)  # the same selection as targets_from
 
 
 def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str]) -> Schedule:

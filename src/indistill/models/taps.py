@@ -158,7 +158,16 @@ def tap_shapes(model: nn.Module, specs: Mapping[str, str], input_shape: tuple[in
     model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    with Taps(model, specs) as taps:
-        _, feats = taps(torch.zeros(2, *input_shape, device=device))
-    model.train(was_training)
+    try:
+        with Taps(model, specs) as taps:
+            _, feats = taps(torch.zeros(2, *input_shape, device=device))
+    except RuntimeError as e:  # shape mismatches inside the model: the input does not fit it
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        name = getattr(model, "indistill_name", type(model).__name__)
+        raise UserError(
+            f"model {name} cannot take inputs of shape {tuple(input_shape)} ({first}); choose a model for this "
+            f"image size and channel count, or resize the data"
+        ) from None
+    finally:
+        model.train(was_training)
     return {k: tuple(v.shape[1:]) for k, v in feats.items()}
