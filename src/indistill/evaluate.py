@@ -184,6 +184,8 @@ def _relevant_ranks(
 ) -> torch.Tensor:
     """Ranks (C, R) of the relevant items, ascending, for keys over the label-sorted database.
 
+    Long on purpose: the three exact ranking routes (marked float64 sort, packed int64 keys, float64 grid) share their chunk state.
+
     Columns ``a:b`` are the relevant ones; ``db_index`` maps a column to its
     original database index (for the tie rule).
     """
@@ -587,6 +589,8 @@ def retrieval_metrics_multi(
     exact: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """:func:`retrieval_metrics` for several protocols at once, keyed by protocol.
+
+    Long on purpose: one ranking per metric serves every protocol, so the protocols' arithmetic lives beside it.
 
     The ranking (the costly part) is computed once and shared by the protocols.
     """

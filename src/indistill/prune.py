@@ -138,6 +138,8 @@ def find_producers(
 ) -> dict[str, str | None]:
     """Module path of the layer producing each tap's channels (``None`` where none is found).
 
+    Long on purpose: one dry forward with a hook per layer and per tap, whose bookkeeping must stay in one scope.
+
     Runs one dry forward (eval mode, zeros input) recording the execution
     order of every conv/linear and of every tap; see the module docstring for
     the rule. ``overrides`` maps tap name -> module path and wins.
@@ -418,6 +420,8 @@ def prune_to_student(
     student_taps: Mapping[str, str] | None = None,
 ) -> PrunedTeacher:
     """Choose, for each teacher tap in ``pairs``, the teacher channels matching the student tap's width.
+
+    Long on purpose: its body is the list of checks every pair must pass, each with its own one-line error.
 
     Args:
         teacher, student: models; their taps come from ``indistill_taps`` or
