@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("run", "the pipeline: teacher -> auxiliary -> student arms (warmup + KD) -> evaluate", cmd_run)
-    p = sub.add_parser("demo", help="offline demo on the embedded digits data (about a minute on 2 cores)",
-                       description="offline demo on the embedded digits data (about a minute on 2 cores)")
+    p = sub.add_parser("demo", help="offline demo on the embedded digits data (a few minutes on 2 cores)",
+                       description="offline demo on the embedded digits data (a few minutes on 2 cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=cmd_demo)
     add("train", "supervised training of `model` on `data` (Adam 2e-3 + cosine by default)", cmd_train)
