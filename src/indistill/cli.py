@@ -111,6 +111,7 @@ def cmd_evaluate(args) -> int:
     """Evaluate a run directory's checkpoints, or one checkpoint; results go to ``<run>/eval/<stem>/``."""
     from .checkpoint import load_weights, safe_load
     from .config import ModelSpec
+    from .engine import select_device
     from .evaluate import evaluate_model
     from .models import model_taps
     from .pipeline import build_model, count_params, load_data
@@ -139,8 +140,7 @@ def cmd_evaluate(args) -> int:
         model = build_model(spec, data)
         load_weights(model, ckpt)
         e = cfg.evaluate
-        res = evaluate_model(model, model_taps(model), data, device=cfg.device if cfg.device != "auto" else
-                             ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+        res = evaluate_model(model, model_taps(model), data, device=select_device(cfg.device),
                              metrics=tuple(e.metrics), protocols=tuple(e.protocols), ks=tuple(e.ks))
         res.update({"role": meta.get("role", "model"), "model": spec.name, "params": count_params(model),
                     "checkpoint": str(ckpt)})

@@ -520,22 +520,22 @@ def _check_shadowed(tree: dict[str, Any], extra: dict[str, Any]) -> None:
     if not isinstance(arms, list):
         return
     w, k = extra.get("warmup"), extra.get("kd")
-    checks = []
+    checks: list[tuple[str, str, Any, str | None]] = []  # (key, shown, sets its own, method it addresses)
     if isinstance(w, dict) and "mode" in w:
-        checks.append(("warmup", f"warmup={w['mode']}", lambda a: a.get("warmup") is not None))
+        checks.append(("warmup", f"warmup={w['mode']}", lambda a: a.get("warmup") is not None, None))
     if isinstance(k, dict) and "method" in k:
-        checks.append(("method", f"kd.method={k['method']}", lambda a: a.get("method") is not None))
+        checks.append(("method", f"kd.method={k['method']}", lambda a: a.get("method") is not None, None))
     if isinstance(k, dict) and isinstance(k.get("params"), dict):
         for m in k["params"]:
             checks.append(("params", f"kd.params.{m}",
-                           lambda a, m=m: a.get("params") is not None and (a.get("method") or "") == m))
-    for key, shown, sets_own in checks:
+                           lambda a, m=m: a.get("params") is not None and (a.get("method") or "") == m, m))
+    top = (k or {}).get("method") if isinstance(k, dict) else None
+    top = top or (tree.get("kd") or {}).get("method") or KDSpec.method
+    for key, shown, sets_own, method in checks:
         own = [str(a.get("name", "?")) for a in arms if isinstance(a, dict) and sets_own(a)]
         reached = [a for a in arms if isinstance(a, dict) and not sets_own(a)]
-        if key == "params":  # kd.params.M reaches the arms whose (inherited) method is M
-            m = shown.split(".", 2)[2]
-            top = (extra.get("kd") or {}).get("method") or (tree.get("kd") or {}).get("method") or "pkt"
-            reached = [a for a in reached if (a.get("method") or top) == m]
+        if method is not None:  # kd.params.M reaches the arms whose (inherited) method is M
+            reached = [a for a in reached if (a.get("method") or top) == method]
         if own and not reached:
             raise UserError(
                 f"override {shown} is shadowed by arm{'s' if len(own) > 1 else ''} {', '.join(own)}, which set "

@@ -109,10 +109,6 @@ def summarise(results: dict[int, dict[str, dict[str, Any]]], arms: list[ArmSpec]
     return {"seeds": seeds, "metrics": metrics, "arms": per_arm, "paired": diffs}
 
 
-def _pct(x: float) -> str:
-    return "nan" if x != x else f"{100 * x:.2f}" if abs(x) <= 1.5 else f"{x:.2f}"
-
-
 def _scale(metric: str) -> float:
     return 1.0 if metric == "top1" else 100.0  # top-1 is already in percent, retrieval metrics are fractions
 
