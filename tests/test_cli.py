@@ -119,6 +119,9 @@ def test_prune_and_listing_commands(tmp_path, capsys):
     code, out, _ = _run(["methods"], capsys)
     for m in ("kd", "fitnet", "at", "sp", "rkd", "pkt", "nst", "vid", "crd", "dkd"):
         assert any(line.startswith(m + " ") for line in out.splitlines()), m
+    code, out, _ = _run(["models"], capsys)
+    assert code == 0 and "mobilenetv2_cifar  (also: MobileNetV2, mobile_half)" in out.splitlines()
+    assert "resnet20" in out.splitlines()  # no aliases: the bare name
     code, out, _ = _run(["layers", "resnet20"], capsys)
     assert "layer3.2.conv2" in out and "embedding: fc:in" in out
 

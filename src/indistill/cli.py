@@ -222,9 +222,14 @@ def cmd_methods(_args) -> int:
 
 
 def cmd_models(_args) -> int:
-    from .models import list_models
+    from .models import list_models, model_aliases
 
-    print("\n".join(list_models()))
+    aliases: dict[str, list[str]] = {}
+    for alias, name in model_aliases().items():
+        aliases.setdefault(name, []).append(alias)
+    for name in list_models():
+        also = aliases.get(name)
+        print(f"{name}  (also: {', '.join(also)})" if also else name)
     return 0
 
 
