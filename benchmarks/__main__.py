@@ -9,7 +9,7 @@ import time
 
 from .common import HARNESS, README, RESULTS_DIR, load_average, machine_info, render_readme, write_result
 
-BENCHMARKS = ("throughput", "throughput_kd", "memory", "end_to_end", "retrieval")
+BENCHMARKS = ("throughput", "throughput_kd", "memory", "end_to_end", "retrieval", "grid_profile")
 # benchmark name -> (module, function): throughput_kd is the KD-step study in throughput.py
 ENTRY = {"throughput_kd": ("throughput", "run_kd")}
 

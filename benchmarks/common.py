@@ -175,7 +175,7 @@ def _machine_line(payload: dict[str, Any]) -> str:
 
 def render_readme(results_dir: Path = RESULTS_DIR) -> str:
     """The benchmarks README: one section per JSON file in ``results_dir`` (unknown ones shown generically)."""
-    from . import end_to_end, memory, throughput
+    from . import end_to_end, grid_profile, memory, throughput
 
     renderers: dict[str, Callable[[dict[str, Any]], list[str]]] = {
         "throughput_kd": throughput.render_kd,  # before "throughput": the first prefix match wins
@@ -183,6 +183,7 @@ def render_readme(results_dir: Path = RESULTS_DIR) -> str:
         "memory": memory.render,
         "end_to_end": end_to_end.render,
         "retrieval": render_retrieval,
+        "grid_profile": grid_profile.render,
     }
     lines = [
         "# Benchmarks",

@@ -66,3 +66,52 @@ def test_case_matrices_name_known_stages():
             if "stage" in e:
                 assert e["stage"] in throughput.STAGES or e["stage"].startswith("warmup:"), e
         assert throughput._label(c)
+
+
+def _write_run(d, rows, wall, first="2026-01-01 10:00:00,000", last="2026-01-01 10:05:00,000"):
+    import json
+
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "results.json").write_text(json.dumps({"wall_time_s": wall, "models": {}}))
+    (d / "log.txt").write_text(f"{first} [x] start\n{last} [x] end\n")
+
+
+def test_grid_profile_reads_a_grid_directory(tmp_path):
+    import json
+
+    from benchmarks import grid_profile
+
+    root = tmp_path / "g"
+    _write_run(root / "shared", [{"stage": "teacher", "epoch": 1, "time_s": 10.0, "images_per_s": 100.0},
+                                 {"stage": "teacher", "epoch": 2, "time_s": 30.0, "images_per_s": 200.0}], 60.0,
+               last="2026-01-01 10:01:00,000")
+    for seed, first, last in ((0, "10:01:00", "10:03:00"), (1, "10:03:00", "10:07:30")):
+        _write_run(root / "cells" / f"s{seed}" / "a", [
+            {"stage": "a", "epoch": 1, "phase": "warmup:stage1:mse", "time_s": 20.0, "images_per_s": 50.0},
+            {"stage": "a", "epoch": 2, "phase": "kd:pkt", "time_s": 70.0 + 10 * seed, "images_per_s": 10.0},
+            {"stage": "a", "epoch": 2, "phase": "kd:pkt", "test_top1": 50.0},  # no time_s: not an epoch row
+        ], 100.0 + 20 * seed, first=f"2026-01-01 {first},000", last=f"2026-01-01 {last},000")
+    (root / "grid.json").write_text(json.dumps({"workers": 2, "threads": 1, "command": "c", "wall_time_s": 400,
+                                                "config": {"arms": [{"name": "a"}]}}))
+    p = grid_profile.profile_grid(root, target_min=3.0)
+    src = p["sources"]
+    assert src["train_s"] == 40.0 and src["other_s"] == 20.0
+    assert src["phases"]["teacher"]["images_per_s"] == pytest.approx((10 * 100 + 30 * 200) / 40)
+    a = p["arms"]["a"]
+    assert a["cells"] == 2 and a["wall_s"] == 110.0 and a["train_s"] == 95.0
+    assert a["phases"]["kd:pkt"]["train_s_per_cell"] == 75.0
+    assert a["phases"]["kd:pkt"]["images_per_s"] == pytest.approx(10.0)
+    assert a["phases"]["warmup:stage1"]["epochs_per_cell"] == 1
+    assert p["elapsed_s_from_logs"] == 450.0  # 10:00:00 -> 10:07:30
+    assert p["cells_worker_s"] == 220.0 and p["cells_makespan_s"] == 120.0  # two cells on two workers
+    assert p["target_left_for_cells_s"] == 120.0 and p["cells_speedup_needed"] == 1.0
+    assert p["overall_speedup_needed"] == pytest.approx(180.0 / 180.0)
+    assert "| a | 2 |" in "\n".join(grid_profile.render({"grids": {"g": p}}))
+
+
+def test_list_schedule_starts_each_cell_on_the_first_free_worker():
+    from benchmarks.grid_profile import list_schedule
+
+    assert list_schedule([5, 3, 3, 3], 2) == 8  # w1: 0-5, w2: 0-3, w2: 3-6, w1 (free first): 5-8
+    assert list_schedule([4], 3) == 4 and list_schedule([1, 1, 1], 1) == 3
