@@ -164,6 +164,18 @@ def test_killed_two_process_run_resumes_and_equals_the_uninterrupted_one(runs):
             assert torch.equal(got[k], ref[k]), f"{stage} {k}"
 
 
+def test_a_loss_that_breaks_on_one_rank_stops_every_rank(tmp_path, capfd):
+    """Rank 1's third teacher batch is NaN: both ranks stop at that step with the one-line error (exit 2),
+    where a rank stopping alone would leave the other in the next gradient all-reduce until killed."""
+    argv = ["run", str(tmp_path / "cfg.yaml"), f"out_dir={tmp_path}", "name=nan"]
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    codes = run_forked(argv, extra_env={"INDISTILL_TEST_NAN_AT": "3", "INDISTILL_TEST_NAN_RANK": "1"}, timeout=60)
+    assert codes == [2, 2]
+    err = capfd.readouterr().err
+    assert "loss is not finite on another rank at epoch 1" in err or "loss is nan at epoch 1" in err
+    assert "Traceback" not in err
+
+
 def test_rank_slices_of_a_split_make_up_its_global_batches():
     g = torch.Generator().manual_seed(0)
     split = InMemorySplit(torch.randint(0, 255, (11, 1, 6, 6), dtype=torch.uint8, generator=g), torch.arange(11) % 3,

@@ -19,16 +19,23 @@ def make_net(num_classes: int, in_channels: int = 1, width: int = 8) -> nn.Modul
 class _DyingSequential(nn.Sequential):
     """``nn.Sequential`` that kills its process (``os._exit``, no cleanup: like SIGKILL) at the N-th
     training-mode forward of the process when ``INDISTILL_TEST_DIE_AT=N`` is set: a deterministic
-    mid-stage kill for resume tests."""
+    mid-stage kill for resume tests.
+
+    With ``INDISTILL_TEST_NAN_AT=N`` (and ``INDISTILL_TEST_NAN_RANK=R``: only on torchrun rank R) the
+    N-th training-mode forward returns NaN instead: a loss that breaks on one rank only."""
 
     calls = 0
 
     def forward(self, x):
         die_at = os.environ.get("INDISTILL_TEST_DIE_AT")
-        if die_at and self.training:
+        nan_at = os.environ.get("INDISTILL_TEST_NAN_AT")
+        if (die_at or nan_at) and self.training:
             _DyingSequential.calls += 1
-            if _DyingSequential.calls >= int(die_at):
+            if die_at and _DyingSequential.calls >= int(die_at):
                 os._exit(3)
+            if (nan_at and _DyingSequential.calls == int(nan_at)
+                    and os.environ.get("RANK", "0") == os.environ.get("INDISTILL_TEST_NAN_RANK", os.environ.get("RANK", "0"))):
+                return super().forward(x) * float("nan")
         return super().forward(x)
 
 

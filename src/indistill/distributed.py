@@ -126,6 +126,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``t`` over ranks (a new tensor on ``t``'s device; ``t`` itself when not distributed)."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(t.device)
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``t`` along dim 0, in rank order; ranks may hold different row counts."""
     if not is_distributed():

@@ -451,6 +451,29 @@ class Engine:
         ddp.barrier()
         return summary
 
+    def _check_loss(self, stage: Stage, epoch: int, state: TrainState, key: str, loss: float,
+                    terms: dict[str, torch.Tensor]) -> None:
+        """Stop on a non-finite batch loss, or one that exploded (:meth:`_guard`).
+
+        Under torchrun every rank takes the same decision at the same step (the worst rank's
+        loss, one small all-reduce): a rank that stopped alone would leave the others waiting in
+        the next gradient all-reduce.
+        """
+        finite = math.isfinite(loss)
+        if ddp.is_distributed():
+            worst = ddp.all_reduce_max(torch.tensor([0.0 if finite else 1.0, abs(loss) if finite else 0.0],
+                                                    dtype=torch.float64))
+            if worst[0] > 0 and finite:
+                raise UserError(f"[{stage.name}] loss is not finite on another rank at epoch {epoch + 1}; "
+                                f"lower the learning rate")
+            loss = float(worst[1]) if finite else loss
+        if not finite:
+            raise UserError(
+                f"[{stage.name}] loss is {loss} at epoch {epoch + 1} "
+                f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); lower the learning rate"
+            )
+        self._guard(stage, epoch, state, key, loss)
+
     def _guard(self, stage: Stage, epoch: int, state: TrainState, key: str, loss: float) -> None:
         """Stop a stage whose batch loss exploded: finite, but ``loss_guard`` x the first batch of its phase."""
         ref = state.loss_ref.setdefault(key, abs(loss))
@@ -490,13 +513,8 @@ class Engine:
             with self._autocast(stage.train.precision):
                 terms = forward(batch, epoch)
             loss = sum(terms.values())
-            if not torch.isfinite(loss.detach()):
-                raise UserError(
-                    f"[{stage.name}] loss is {loss.item()} at epoch {epoch + 1} "
-                    f"({', '.join(f'{k}={v.item():.3g}' for k, v in terms.items())}); lower the learning rate"
-                )
             value = float(loss.detach())
-            self._guard(stage, epoch, state, phase_key, value)
+            self._check_loss(stage, epoch, state, phase_key, value, terms)
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; the weight turns that into the global batch's mean.
             scaler.scale(loss * weight if weight != 1.0 else loss).backward()
