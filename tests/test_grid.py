@@ -62,6 +62,18 @@ def test_grid_pairs_arms_and_its_statistics_match_a_direct_computation(tmp_path,
     assert {k: v["retrieval/cosine/standard/map"] for k, v in _cells(seq).items()} == \
         {k: v["retrieval/cosine/standard/map"] for k, v in cells.items()}
 
+    # --report-only on an unfinished grid: trains nothing, reports the finished cells and says so
+    wall = json.loads((root / "grid.json").read_text())["wall_time_s"]
+    (root / "cells" / "s1" / "kd" / "results.json").unlink()
+    assert main(["grid", *ARGS, "--report-only", f"out_dir={tmp_path / 'par'}"]) == 0
+    assert not (root / "cells" / "s1" / "kd" / "results.json").exists()
+    out = json.loads((root / "grid.json").read_text())
+    assert (out["cells_finished"], out["cells_total"], out["wall_time_s"]) == (3, 4, wall)
+    assert out["summary"]["paired"]["indistill_kd"]["seeds"] == [0]
+    assert "**Unfinished: 3 of 4 cells.**" in (root / "grid.md").read_text()
+    assert main(["grid", *ARGS, "--report-only", f"out_dir={tmp_path / 'empty'}"]) == 2
+    assert "no finished cells" in capsys.readouterr().err
+
 
 def test_paired_statistics_by_hand():
     p = paired([0.5, -0.1, 0.3])
@@ -69,6 +81,7 @@ def test_paired_statistics_by_hand():
     sd = math.sqrt(((0.5 - 0.7 / 3) ** 2 + (-0.1 - 0.7 / 3) ** 2 + (0.3 - 0.7 / 3) ** 2) / 2)
     assert p["std"] == pytest.approx(sd)
     assert p["ci_half"] == pytest.approx(4.302652729911275 * sd / math.sqrt(3))  # t(0.975, 2)
+    assert p["mde80"] == pytest.approx((4.302652729911275 + 1.0606601717798212) * sd / math.sqrt(3))  # + t(0.8, 2)
     assert (p["wins"], p["losses"]) == (2, 1)
     arms = [ArmSpec("m", "none", "kd", {}), ArmSpec("w", "indistill", "kd", {}), ArmSpec("c", "none", "ce", {})]
     s = summarise({0: {"m": {"top1": 80.0}, "w": {"top1": 81.0}, "c": {"top1": 70.0}},

@@ -44,6 +44,10 @@ HEADLINE = {
 }
 
 
+#: the power behind the "detectable difference" of a paired comparison
+POWER = 0.8
+
+
 def cell_dir(root: Path, seed: int, arm: str) -> Path:
     return root / "cells" / f"s{seed}" / arm
 
@@ -78,9 +82,12 @@ def paired(diffs: list[float], confidence: float = 0.95) -> dict[str, float]:
     n = d["n"]
     if n > 1:
         half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * d["std"] / math.sqrt(n)
+        # The smallest true difference this many seeds detect 80% of the time (two-sided, at the CI's level),
+        # if the paired sd is what this grid measured: what a grid that "found nothing" could have found.
+        mde = (float(stats.t.ppf(0.5 + confidence / 2, n - 1)) + float(stats.t.ppf(POWER, n - 1))) * d["std"] / math.sqrt(n)
     else:
-        half = float("nan")
-    return {**d, "ci_low": d["mean"] - half, "ci_high": d["mean"] + half, "ci_half": half,
+        half = mde = float("nan")
+    return {**d, "ci_low": d["mean"] - half, "ci_high": d["mean"] + half, "ci_half": half, "mde80": mde,
             "wins": sum(x > 0 for x in diffs), "losses": sum(x < 0 for x in diffs), "confidence": confidence}
 
 
@@ -113,11 +120,15 @@ def _scale(metric: str) -> float:
     return 1.0 if metric == "top1" else 100.0  # top-1 is already in percent, retrieval metrics are fractions
 
 
-def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: float | None, machine: str) -> str:
+def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: float | None, machine: str,
+                  finished: tuple[int, int] | None = None) -> str:
     seeds = summary["seeds"]
     md = [f"# Grid: {title}", "", f"Command: `{command}`", "", f"Seeds: {', '.join(map(str, seeds))} "
           f"({len(seeds)}); arms paired within a seed (same initial student, same data order).", "",
           f"Machine: {machine}" + (f"; wall time of the last invocation {wall_s / 60:.1f} min" if wall_s else ""), ""]
+    if finished and finished[0] < finished[1]:
+        md += [f"**Unfinished: {finished[0]} of {finished[1]} cells.** The tables cover the finished cells only "
+               f"(a paired difference uses the seeds where both arms finished); the command above continues the grid.", ""]
     metrics = summary["metrics"]
     md += ["## Per arm: mean ± std over seeds [min, max], in percent", "",
            "| arm | " + " | ".join(HEADLINE[m] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -140,6 +151,15 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
                 cells.append("-" if s is None else f"{s['mean'] * k:+.2f} [{s['ci_low'] * k:+.2f}, {s['ci_high'] * k:+.2f}] "
                              f"{s['wins']}/{s['losses']}")
             md.append(f"| {warm} - {p['baseline']} | " + " | ".join(cells) + " |")
+        md += ["", f"Detectable difference: the smallest true paired difference these seeds would detect with "
+               f"{POWER:.0%} power (two-sided 5%), given the paired sd measured here (percentage points).", "",
+               "| arms | seeds | " + " | ".join(HEADLINE[m] for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+        for warm, p in summary["paired"].items():
+            cells = []
+            for m in metrics:
+                s = p["metrics"].get(m)
+                cells.append("-" if s is None or not math.isfinite(s.get("mde80", float("nan"))) else f"{s['mde80'] * _scale(m):.2f}")
+            md.append(f"| {warm} - {p['baseline']} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
     md += ["", "A confidence interval that contains 0 means this grid cannot tell the two arms apart on that metric.",
            "Retrieval: database = training split without augmentation, queries = test split, features = the embedding "
            "tap; (ref.) = the authors' evaluation protocol (docs/evaluation.md). Top-1 at the end of training.", ""]
@@ -339,23 +359,32 @@ def cmd_grid(args) -> int:
     command = " ".join(["indistill", "grid", args.config, f"--seeds {args.seeds}",
                         *([f"--workers {args.workers}"] if args.workers else []), *args.overrides])
     t0 = time.perf_counter()
-    grid.train_sources()
-    for c in grid.cells():
-        grid.write_cell_config(c)
-    print(f"grid: {len(grid.cells())} cells ({len(seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
-    run_cells(grid.cells(), workers=workers, threads=threads)
+    if args.report_only:
+        done = sum(c.done for c in grid.cells())
+        if not done:
+            raise UserError(f"no finished cells under {grid.root / 'cells'}; run the grid without --report-only first")
+        print(f"grid: reporting {done} of {len(grid.cells())} cells finished (nothing is trained)")
+    else:
+        grid.train_sources()
+        for c in grid.cells():
+            grid.write_cell_config(c)
+        print(f"grid: {len(grid.cells())} cells ({len(seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
+        run_cells(grid.cells(), workers=workers, threads=threads)
     results = grid.collect()
     summary = summarise(results, grid.arms)
     m = machine_info()
     machine = f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-    wall = time.perf_counter() - t0
-    out = {"command": command, "machine": m, "wall_time_s": wall, "workers": workers, "threads": threads,
+    wall = None if args.report_only else time.perf_counter() - t0
+    if args.report_only and (grid.root / "grid.json").is_file():  # keep the wall time of the run that trained
+        wall = json.loads((grid.root / "grid.json").read_text()).get("wall_time_s")
+    out = {"command": command, "cells_finished": sum(c.done for c in grid.cells()), "cells_total": len(grid.cells()), "machine": m, "wall_time_s": wall, "workers": workers, "threads": threads,
            "config": to_dict(cfg), "summary": summary, "cells": {str(s): r for s, r in results.items()}}
     for r in out["cells"].values():
         for v in r.values():
             v.pop("pr_curves", None)
     atomic_write_json(grid.root / "grid.json", out)
-    md = grid_markdown(summary, title=cfg.name, command=command, wall_s=wall, machine=machine)
+    md = grid_markdown(summary, title=cfg.name, command=command, wall_s=wall, machine=machine,
+                       finished=(out["cells_finished"], out["cells_total"]))
     plots = plot_grid(summary, results, grid.root / "plots")
     md += "\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     atomic_write_text(grid.root / "grid.md", md)
@@ -370,3 +399,5 @@ def add_grid_parser(add) -> None:
     p.add_argument("--workers", type=int, default=0, help="cells in parallel (default: one per CPU core, 1 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="threads per worker (default: cores / workers)")
     p.add_argument("--per-seed-sources", action="store_true", help="train the teacher and auxiliary once per seed")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running)")
