@@ -586,11 +586,11 @@ def config_reference() -> str:
              "Generated from `src/indistill/config.py` by `indistill schema > docs/config.md` "
              "(a test fails when this file is stale). Set keys in YAML or as `key=value` overrides.", ""]
 
-    def walk(cls: type, prefix: str, default_obj: Any) -> None:
+    def walk(cls: type, prefix: str, default_obj: Any, title: str | None = None) -> None:
         hints = typing.get_type_hints(cls)
         notes = _field_comments(cls)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        title = prefix.rstrip(".") or "top level"
+        title = title or prefix.rstrip(".") or "top level"
         lines.extend([f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
         nested = []
         for f in dataclasses.fields(cls):
@@ -613,13 +613,8 @@ def config_reference() -> str:
             walk(tp, p, v)
 
     walk(Config, "", Config())
-    lines += ["## `arms[]`", "", (ArmSpec.__doc__ or "").strip().splitlines()[0], "",
-              "| key | type | default | meaning |", "|---|---|---|---|"]
-    notes = _field_comments(ArmSpec)
-    for f in dataclasses.fields(ArmSpec):
-        lines.append(f"| `{f.name}` | {_type_name(typing.get_type_hints(ArmSpec)[f.name]).replace('|', chr(92) + '|')} | "
-                     f"`{json_default(getattr(ArmSpec(), f.name))}` | {notes.get(f.name, '').replace('|', chr(92) + '|')} |")
-    return "\n".join(lines) + "\n"
+    walk(ArmSpec, "", ArmSpec(), title="arms[]")
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _type_name(tp: Any) -> str:
