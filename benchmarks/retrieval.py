@@ -325,22 +325,40 @@ def render(payload: dict[str, Any]) -> list[str]:
                              [[f"{p['database']} x {p['queries_projected']} x {p['dim']}", p["setup_seconds"],
                                statistics.median(p["chunk_seconds"]), p["chunk_queries"], p["projected_seconds"] / 60,
                                p["peak_rss_mb_after"]]])]
-    reruns = [f"{part} re-run {payload[part]['rerun']['date']} (load {payload[part]['rerun']['load_before']})"
+    reruns = [f"{part} measured {payload[part]['rerun']['date']} (load {payload[part]['rerun']['load_before']}, "
+              f"{payload[part]['rerun'].get('torch_threads', '?')} threads)"
               for part in ("real_embeddings", "imagenet_projection")
               if isinstance(payload.get(part), dict) and "rerun" in payload[part]]
     if reruns:
-        lines += ["", "_" + "; ".join(reruns) + " with `python -m benchmarks.retrieval --update`._"]
+        lines += ["", "_" + "; ".join(reruns) + ", apart from the timed sizes above "
+                  "(`python -m benchmarks.retrieval --update PART`)._"]
     return lines
 
 
 def update(parts: list[str], quick: bool) -> dict[str, Any]:
-    """Re-run only some parts (``real_embeddings``, ``imagenet_projection``) into the existing JSON."""
-    from .common import load_average
+    """Re-run only some parts (``sizes``, ``real_embeddings``, ``imagenet_projection``) into the existing JSON.
+
+    ``sizes`` (the timed comparison) takes over the file's date, machine, load and command; the parts
+    not re-run then keep their own date and load as a ``rerun`` record, so every table says when it ran.
+    """
+    from .common import load_average, machine_info
 
     path = Path(__file__).parent / "results" / ("retrieval_quick.json" if quick else "retrieval.json")
     out = json.loads(path.read_text())
+    if "sizes" in parts:
+        for part in ("real_embeddings", "imagenet_projection"):
+            if part not in parts and isinstance(out.get(part), dict) and "rerun" not in out[part]:
+                out[part]["rerun"] = {"date": out.get("date"), "load_before": out.get("load_before"),
+                                      "load_after": out.get("load_after"),
+                                      "torch_threads": (out.get("machine") or {}).get("torch_threads")}
+        before, t0 = load_average(), time.perf_counter()
+        sizes = [(6000, 1000, 2)] if quick else [(30000, 3000, 2), (60000, 10000, 1)]
+        out["sizes"] = [bench_size(n_db, n_q, runs) for n_db, n_q, runs in sizes]
+        out.update({"machine": machine_info(), "load_before": before, "load_after": load_average(),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command(),
+                    "sizes_wall_s": time.perf_counter() - t0})
     fns = {"real_embeddings": real_embeddings_check, "imagenet_projection": imagenet_projection}
-    for part in parts:
+    for part in (p for p in parts if p != "sizes"):
         before = load_average()
         out[part] = fns[part](quick)
         out[part]["rerun"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": before,
@@ -353,7 +371,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds instead of minutes")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--update", nargs="+", choices=("real_embeddings", "imagenet_projection"),
+    ap.add_argument("--update", nargs="+", choices=("sizes", "real_embeddings", "imagenet_projection"),
                     help="re-run only these parts into the existing JSON")
     args = ap.parse_args()
     if args.threads:
