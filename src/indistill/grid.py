@@ -81,10 +81,11 @@ def paired(diffs: list[float], confidence: float = 0.95) -> dict[str, float]:
     d = describe(diffs)
     n = d["n"]
     if n > 1:
-        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * d["std"] / math.sqrt(n)
+        t_ci = float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+        half = t_ci * d["std"] / math.sqrt(n)
         # The smallest true difference this many seeds detect 80% of the time (two-sided, at the CI's level),
         # if the paired sd is what this grid measured: what a grid that "found nothing" could have found.
-        mde = (float(stats.t.ppf(0.5 + confidence / 2, n - 1)) + float(stats.t.ppf(POWER, n - 1))) * d["std"] / math.sqrt(n)
+        mde = (t_ci + float(stats.t.ppf(POWER, n - 1))) * d["std"] / math.sqrt(n)
     else:
         half = mde = float("nan")
     return {**d, "ci_low": d["mean"] - half, "ci_high": d["mean"] + half, "ci_half": half, "mde80": mde,
@@ -360,10 +361,11 @@ def cmd_grid(args) -> int:
                         *([f"--workers {args.workers}"] if args.workers else []), *args.overrides])
     t0 = time.perf_counter()
     if args.report_only:
-        done = sum(c.done for c in grid.cells())
+        cells = grid.cells()
+        done = sum(c.done for c in cells)
         if not done:
             raise UserError(f"no finished cells under {grid.root / 'cells'}; run the grid without --report-only first")
-        print(f"grid: reporting {done} of {len(grid.cells())} cells finished (nothing is trained)")
+        print(f"grid: reporting {done} of {len(cells)} cells finished (nothing is trained)")
     else:
         grid.train_sources()
         for c in grid.cells():
