@@ -22,20 +22,30 @@ class _DyingSequential(nn.Sequential):
     mid-stage kill for resume tests.
 
     With ``INDISTILL_TEST_NAN_AT=N`` (and ``INDISTILL_TEST_NAN_RANK=R``: only on torchrun rank R) the
-    N-th training-mode forward returns NaN instead: a loss that breaks on one rank only."""
+    N-th training-mode forward returns NaN instead: a loss that breaks on one rank only.
+
+    With ``INDISTILL_TEST_ABORT_AT=N`` and ``INDISTILL_TEST_ABORT_ONCE=PATH``, rank 1 aborts (SIGABRT,
+    as a gloo failure does) at its N-th training-mode forward unless PATH exists, which it creates
+    first: one crash, then a restarted rank runs through."""
 
     calls = 0
 
     def forward(self, x):
         die_at = os.environ.get("INDISTILL_TEST_DIE_AT")
         nan_at = os.environ.get("INDISTILL_TEST_NAN_AT")
-        if (die_at or nan_at) and self.training:
+        abort_at = os.environ.get("INDISTILL_TEST_ABORT_AT")
+        if (die_at or nan_at or abort_at) and self.training:
             _DyingSequential.calls += 1
             if die_at and _DyingSequential.calls >= int(die_at):
                 os._exit(3)
             if (nan_at and _DyingSequential.calls == int(nan_at)
                     and os.environ.get("RANK", "0") == os.environ.get("INDISTILL_TEST_NAN_RANK", os.environ.get("RANK", "0"))):
                 return super().forward(x) * float("nan")
+            marker = os.environ.get("INDISTILL_TEST_ABORT_ONCE", "")
+            if (abort_at and _DyingSequential.calls == int(abort_at) and os.environ.get("RANK") == "1"
+                    and marker and not os.path.exists(marker)):
+                open(marker, "w").close()
+                os.abort()
         return super().forward(x)
 
 

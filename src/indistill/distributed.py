@@ -77,7 +77,16 @@ def init_from_env(device: str = "auto") -> bool:
             raise UserError(f"LOCAL_RANK={local_rank()} but only {torch.cuda.device_count()} GPU(s) visible; "
                             f"use --nproc_per_node <= {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart > 0:
+        # torchrun keeps its store across `--max-restarts` rounds, and the previous round's keys (gloo's
+        # listening addresses among them) would send this round's ranks to dead peers: a fresh namespace.
+        store, rank_, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"indistill/restart{restart}", store),
+                                rank=rank_, world_size=world)
+    else:
+        dist.init_process_group(backend=backend)
     atexit.register(shutdown)
     return True
 
