@@ -339,6 +339,30 @@ def test_crd_negatives():
     assert idx.shape == (B, N_SAMPLES) and torch.equal(idx[:, 0], index)
     assert int(idx.min()) >= 0 and int(idx.max()) < N_SAMPLES
     assert not (all_labels[idx[:, 1:]] == labels[:, None]).any()  # negatives from other classes
+    # The same draws as the benchmark-style loop that re-checks every slot each round (the rounds
+    # re-check only the redrawn slots): a bank of 2000 with a quarter of it unseen (label -1).
+    big = create_method("crd", make_ctx(), {"nce_k": 700})
+    big.num_samples, big.nce_k = 2000, 700
+    big.sample_labels = torch.full((2000,), -1, dtype=torch.long)
+    big.sample_labels[:1500] = torch.arange(1500) % 5
+    index, labels = torch.arange(1500, 1564), torch.arange(64) % 5
+    torch.manual_seed(11)
+    got = big.sample_negatives(index, labels)
+    torch.manual_seed(11)
+    neg = torch.randint(2000, (64, 700))
+    big.sample_labels[index] = labels
+    rounds = 0
+    for _ in range(32):
+        bad = big.sample_labels[neg] == labels[:, None]
+        if not bool(bad.any()):
+            break
+        neg[bad] = torch.randint(2000, (int(bad.sum()),))
+        rounds += 1
+    assert rounds >= 3 and torch.equal(got, torch.cat([index[:, None], neg], dim=1))
+    after_reference = torch.randint(1000, (5,))
+    torch.manual_seed(11)
+    big.sample_negatives(index, labels)
+    assert torch.equal(torch.randint(1000, (5,)), after_reference)  # the same RNG use: later draws agree
     u = create_method("crd", make_ctx(), {"negatives": "uniform", "nce_k": 500})
     draws = u.sample_negatives(index, labels)[:, 1:]
     assert (all_labels[draws] == labels[:, None]).any()  # uniform does draw same-class samples

@@ -109,11 +109,16 @@ class CRD(Method):
         neg = torch.randint(n, (b, k), device=index.device)
         if self.negatives == "other_class":
             self.sample_labels[index] = labels
+            flat, own = neg.view(-1), labels.repeat_interleave(k)
+            # Only redrawn slots can turn bad, so each round re-checks the previous round's bad slots
+            # (ascending flat positions: the draws land where a full-mask `neg[bad] = ...` puts them,
+            # the same numbers as re-checking every slot, at ~1/num_classes of its lookups per round).
+            pos = torch.nonzero(self.sample_labels[flat] == own)[:, 0]
             for _ in range(32):  # each round leaves ~ (1/num_classes) of the bad draws
-                bad = self.sample_labels[neg] == labels[:, None]
-                if not bool(bad.any()):
+                if pos.numel() == 0:
                     break
-                neg[bad] = torch.randint(n, (int(bad.sum()),), device=index.device)
+                flat[pos] = torch.randint(n, (pos.numel(),), device=index.device)
+                pos = pos[self.sample_labels[flat[pos]] == own[pos]]
         return torch.cat([index[:, None], neg], dim=1)
 
     def _scores(self, v: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, which: int) -> torch.Tensor:
