@@ -88,3 +88,14 @@ def test_paired_statistics_by_hand():
                    1: {"m": {"top1": 82.0}, "w": {"top1": 82.5}, "c": {"top1": 71.0}}}, arms)
     assert list(s["paired"]) == ["w"] and s["paired"]["w"]["baseline"] == "m"
     assert s["paired"]["w"]["metrics"]["top1"]["values"] == [1.0, 0.5]
+
+
+def test_grid_eta_weights_each_arm_by_its_own_finished_cells():
+    from indistill.grid import grid_eta
+
+    by_arm = {"kd": [60.0, 80.0], "crd": [600.0]}  # kd 70 s per cell, crd 600 s, overall mean 740 / 3
+    # todo: kd, crd and an arm with nothing finished (overall mean); running: a kd cell 50 s in (20 s left)
+    # and a crd cell 700 s in (over its estimate: 0 left); 2 workers share the work.
+    eta = grid_eta(["kd", "crd", "at"], [("kd", 50.0), ("crd", 700.0)], by_arm, workers=2)
+    assert eta == pytest.approx((70 + 600 + 740 / 3 + 20 + 0) / 2)
+    assert grid_eta(["kd"], [], {}, workers=2) == 0.0  # nothing finished: no estimate yet

@@ -300,6 +300,23 @@ class Grid:
         return results
 
 
+def grid_eta(todo: list[str], running: list[tuple[str, float]], by_arm: dict[str, list[float]], workers: int) -> float:
+    """Seconds left: each arm's cells cost that arm's mean finished duration (arms differ: a CRD cell
+    costs ~8 KD cells), the overall mean for an arm with none finished yet; running cells count what
+    their estimate has left; the work is shared by ``workers``."""
+    done = [d for ds in by_arm.values() for d in ds]
+    if not done:
+        return 0.0
+    overall = sum(done) / len(done)
+
+    def est(arm: str) -> float:
+        ds = by_arm.get(arm)
+        return sum(ds) / len(ds) if ds else overall
+
+    work = sum(est(a) for a in todo) + sum(max(0.0, est(a) - elapsed) for a, elapsed in running)
+    return work / max(1, workers)
+
+
 def run_cells(cells: list[Cell], *, workers: int, threads: int, log=print) -> float:
     """Run unfinished cells in ``workers`` subprocesses (``threads`` each); print progress and an ETA."""
     todo = [c for c in cells if not c.done]
@@ -309,6 +326,7 @@ def run_cells(cells: list[Cell], *, workers: int, threads: int, log=print) -> fl
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), INDISTILL_THREADS=str(threads))
     running: list[tuple[Cell, subprocess.Popen, float, Any]] = []
     durations: list[float] = []
+    by_arm: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     failed: list[str] = []
     while todo or running:
@@ -332,8 +350,9 @@ def run_cells(cells: list[Cell], *, workers: int, threads: int, log=print) -> fl
                 continue
             finished += 1
             durations.append(time.perf_counter() - start)
-            left = len(todo) + len(running)
-            eta = (sum(durations) / len(durations)) * math.ceil(left / max(1, workers)) if left else 0.0
+            by_arm.setdefault(c.arm.name, []).append(durations[-1])
+            eta = grid_eta([x.arm.name for x in todo], [(x.arm.name, time.perf_counter() - st) for x, _, st, _ in running],
+                           by_arm, workers)
             log(f"grid: [{finished}/{total}] {c.label} done in {durations[-1] / 60:.1f} min; ETA {eta / 60:.0f} min")
     if failed:
         raise UserError(f"grid cells failed: {', '.join(failed)}; read their logs, fix, and re-run the same command")
