@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from indistill.cli import main
+from indistill.errors import UserError
 from indistill.grid import paired, summarise
 from indistill.config import ArmSpec
 
@@ -99,3 +100,19 @@ def test_grid_eta_weights_each_arm_by_its_own_finished_cells():
     eta = grid_eta(["kd", "crd", "at"], [("kd", 50.0), ("crd", 700.0)], by_arm, workers=2)
     assert eta == pytest.approx((70 + 600 + 740 / 3 + 20 + 0) / 2)
     assert grid_eta(["kd"], [], {}, workers=2) == 0.0  # nothing finished: no estimate yet
+
+
+def test_schedule_orders_cells_by_seed_or_by_method_pair(tmp_path):
+    from indistill.config import ArmSpec
+    from indistill.grid import Cell, schedule
+
+    arms = [ArmSpec("ce", "none", "ce"), ArmSpec("indistill_kd", "indistill", "kd"), ArmSpec("kd", "none", "kd"),
+            ArmSpec("crd", "none", "crd"), ArmSpec("indistill_crd", "indistill", "crd")]
+    cells = [Cell(s, a, tmp_path / f"s{s}" / a.name, tmp_path / f"s{s}" / f"{a.name}.yaml") for s in (0, 1) for a in arms]
+    assert [c.label for c in schedule(cells, arms, "seeds")] == [c.label for c in cells]
+    assert [c.label for c in schedule(cells, arms, "pairs")] == [
+        "s0/ce", "s1/ce",
+        "s0/indistill_kd", "s0/kd", "s1/indistill_kd", "s1/kd",  # a pair together, in the config's arm order
+        "s0/crd", "s0/indistill_crd", "s1/crd", "s1/indistill_crd"]
+    with pytest.raises(UserError, match="not one of"):
+        schedule(cells, arms, "random")

@@ -300,6 +300,27 @@ class Grid:
         return results
 
 
+ORDERS = ("seeds", "pairs")
+
+
+def schedule(cells: list[Cell], arms: list[ArmSpec], order: str = "seeds") -> list[Cell]:
+    """The order cells are run in. ``seeds``: seed by seed, every arm of a seed together. ``pairs``: method
+    by method, each arm with its InDistill counterpart over every seed, so a grid stopped early has whole
+    paired comparisons (all seeds of the first methods) instead of every method on the first seeds."""
+    if order == "seeds":
+        return sorted(cells, key=lambda c: c.seed)
+    if order != "pairs":
+        raise UserError(f"grid order {order!r} is not one of {', '.join(ORDERS)}")
+    warm_of = pairs_of(arms)
+    group: dict[str, int] = {}
+    for a in arms:  # a base arm and its warmup arms share the first position either of them has
+        base = warm_of.get(a.name, a.name)
+        group.setdefault(base, len(group))
+        group[a.name] = group[base]
+    rank = {a.name: i for i, a in enumerate(arms)}
+    return sorted(cells, key=lambda c: (group[c.arm.name], c.seed, rank[c.arm.name]))
+
+
 def grid_eta(todo: list[str], running: list[tuple[str, float]], by_arm: dict[str, list[float]], workers: int) -> float:
     """Seconds left: each arm's cells cost that arm's mean finished duration (arms differ: a CRD cell
     costs ~8 KD cells), the overall mean for an arm with none finished yet; running cells count what
@@ -377,7 +398,8 @@ def cmd_grid(args) -> int:
     workers = args.workers or default_workers()
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     command = " ".join(["indistill", "grid", args.config, f"--seeds {args.seeds}",
-                        *([f"--workers {args.workers}"] if args.workers else []), *args.overrides])
+                        *([f"--workers {args.workers}"] if args.workers else []),
+                        *([f"--order {args.order}"] if args.order != "seeds" else []), *args.overrides])
     t0 = time.perf_counter()
     if args.report_only:
         cells = grid.cells()
@@ -390,7 +412,7 @@ def cmd_grid(args) -> int:
         for c in grid.cells():
             grid.write_cell_config(c)
         print(f"grid: {len(grid.cells())} cells ({len(seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
-        run_cells(grid.cells(), workers=workers, threads=threads)
+        run_cells(schedule(grid.cells(), grid.arms, args.order), workers=workers, threads=threads)
     results = grid.collect()
     summary = summarise(results, grid.arms)
     m = machine_info()
@@ -420,5 +442,8 @@ def add_grid_parser(add) -> None:
     p.add_argument("--workers", type=int, default=0, help="cells in parallel (default: one per CPU core, 1 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="threads per worker (default: cores / workers)")
     p.add_argument("--per-seed-sources", action="store_true", help="train the teacher and auxiliary once per seed")
+    p.add_argument("--order", choices=ORDERS, default="seeds",
+                   help="run cells seed by seed (default), or method pair by method pair over all seeds (a grid "
+                        "stopped early then has whole paired comparisons); the numbers do not depend on it")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running)")
