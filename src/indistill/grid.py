@@ -346,8 +346,7 @@ def run_cells(cells: list[Cell], *, workers: int, threads: int, log=print) -> fl
         return 0.0
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), INDISTILL_THREADS=str(threads))
     running: list[tuple[Cell, subprocess.Popen, float, Any]] = []
-    durations: list[float] = []
-    by_arm: dict[str, list[float]] = {}
+    by_arm: dict[str, list[float]] = {}  # finished cells' durations, per arm
     t0 = time.perf_counter()
     failed: list[str] = []
     while todo or running:
@@ -370,11 +369,11 @@ def run_cells(cells: list[Cell], *, workers: int, threads: int, log=print) -> fl
                 log(f"grid: {c.label} FAILED (exit {proc.returncode}); see {c.dir.parent / (c.arm.name + '.log')}")
                 continue
             finished += 1
-            durations.append(time.perf_counter() - start)
-            by_arm.setdefault(c.arm.name, []).append(durations[-1])
+            took = time.perf_counter() - start
+            by_arm.setdefault(c.arm.name, []).append(took)
             eta = grid_eta([x.arm.name for x in todo], [(x.arm.name, time.perf_counter() - st) for x, _, st, _ in running],
                            by_arm, workers)
-            log(f"grid: [{finished}/{total}] {c.label} done in {durations[-1] / 60:.1f} min; ETA {eta / 60:.0f} min")
+            log(f"grid: [{finished}/{total}] {c.label} done in {took / 60:.1f} min; ETA {eta / 60:.0f} min")
     if failed:
         raise UserError(f"grid cells failed: {', '.join(failed)}; read their logs, fix, and re-run the same command")
     return time.perf_counter() - t0
