@@ -18,8 +18,8 @@ reference protocol: map, map11, p@k, every PR-curve point) is compared with the
 float64 grid path (``exact=True``); the mAP is also checked against an
 independent float64 ground truth (numpy keys, stable argsort) on 200 queries.
 Real embeddings: a random cnn32_small's embedding tap on Fashion-MNIST, default path
-vs ``exact=True`` on every metric. ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from measured
-chunks: one call on one class's 50 queries and one on three classes' 150, the
+vs ``exact=True`` on every metric. ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from two measured
+calls: one on two classes' 100 queries and one on six classes' 300, the
 difference giving the per-query cost. Writes ``benchmarks/results/retrieval.json``
 (``--quick``: ``retrieval_quick.json``) with the machine and ``os.getloadavg()``.
 """
@@ -178,51 +178,45 @@ def bench_size(n_db: int, n_q: int, authors_runs: int) -> dict[str, Any]:
     return out
 
 
-def imagenet_projection(quick: bool, chunks: int = 4) -> dict[str, Any]:
-    """Project a 1.28M x 50k x 512-d evaluation (1000 classes, 50 queries each, cosine) from measured chunks.
+def imagenet_projection(quick: bool, classes_small: int = 2, classes_large: int = 6) -> dict[str, Any]:
+    """Project a 1.28M x 50k x 512-d evaluation (1000 classes, 50 queries each, cosine) from two measured calls.
 
-    Times the one-off setup (float64 label-sorted database and norms) and the
-    default path's per-chunk work (ranking + both protocols' metrics) on
-    ``chunks`` chunks of one class's queries, at the default chunk size.
+    Two calls of the public ``retrieval_metrics_multi`` (default path, both protocols, the default
+    chunking and threads) against the full database: one with ``classes_small`` classes' queries, one
+    with ``classes_large`` classes'. Their difference gives the per-query cost, the rest of the small
+    call the one-off setup (float64 label-sorted database, norms, label grouping).
     """
-    from indistill.evaluate import _CHUNK_SCORES, _Database, _fast_relevant_ranks, _reference, _Rows, _standard
-
     n_db, dim, classes, per_class = (128_000, 512, 100, 50) if quick else (1_281_167, 512, 1000, 50)
     rng = np.random.default_rng(1)
-    labels = np.sort(rng.integers(0, classes, n_db))  # grouped labels: no label-sorted copy is made
+    labels = np.sort(rng.integers(0, classes, n_db))
     db = torch.empty(n_db, dim)
     centers = rng.normal(size=(classes, dim)).astype(np.float32) * 0.35
     for i in range(0, n_db, 65536):  # generated in blocks to keep the float64 temporaries small
         block = rng.standard_normal((min(65536, n_db - i), dim), dtype=np.float32)
         db[i : i + len(block)] = torch.from_numpy(block + centers[labels[i : i + len(block)]])
+    db_labels = torch.from_numpy(labels)
     rss0 = peak_rss_mb()
-    t0 = time.perf_counter()
-    base = _Database(db, torch.arange(n_db), torch.device("cpu"), "cosine")
-    setup = time.perf_counter() - t0
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=classes))])
-    chunk = max(1, min(4096, _CHUNK_SCORES["cpu"] // n_db, per_class))
-    rows = _Rows(torch.get_num_threads())
-    times = []
-    try:
-        for c in range(chunks):
-            q = torch.from_numpy(centers[c] + rng.standard_normal((chunk, dim), dtype=np.float32)).double()
-            t0 = time.perf_counter()
-            ranks = _fast_relevant_ranks(q, base, int(bounds[c]), int(bounds[c + 1]), rows)
-            _standard(ranks, KS)
-            _reference(ranks, torch.full((chunk,), 128), KS)
-            times.append(time.perf_counter() - t0)
-            print(f"  ImageNet-scale chunk {c}: {chunk} queries x {n_db} x {dim}: {times[-1]:.2f}s", flush=True)
-    finally:
-        rows.close()
-    per_query = statistics.median(times) / chunk
+    timed = {}
+    for n_cls in (classes_small, classes_large):
+        ql = np.repeat(np.arange(n_cls), per_class)
+        q = torch.from_numpy(centers[ql] + rng.standard_normal((len(ql), dim), dtype=np.float32))
+        t0 = time.perf_counter()
+        retrieval_metrics_multi(db, db_labels, q, torch.from_numpy(ql), metric="cosine", ks=KS)
+        timed[len(ql)] = time.perf_counter() - t0
+        print(f"  ImageNet-scale call: {len(ql)} queries x {n_db} x {dim}: {timed[len(ql)]:.1f}s", flush=True)
+    (q_small, t_small), (q_large, t_large) = sorted(timed.items())
+    per_query = (t_large - t_small) / (q_large - q_small)
+    setup = max(0.0, t_small - per_query * q_small)
     total_q = classes * per_class
     return {
         "database": n_db, "dim": dim, "classes": classes, "queries_projected": total_q,
-        "chunk_queries": chunk, "chunk_seconds": times, "setup_seconds": setup,
+        "calls": [{"queries": n, "seconds": sec} for n, sec in sorted(timed.items())],
+        "torch_threads": torch.get_num_threads(), "setup_seconds": setup,
         "seconds_per_query": per_query, "projected_seconds": setup + per_query * total_q,
         "peak_rss_mb_before": rss0, "peak_rss_mb_after": peak_rss_mb(),
         "load_average": list(os.getloadavg()),
-        "note": "cosine, default chunk size; projected = setup + median chunk time / chunk queries x all queries",
+        "note": "cosine, default path; per query = difference of two calls / difference of their query counts; "
+                "projected = setup + per query x all queries",
     }
 
 
@@ -320,11 +314,11 @@ def render(payload: dict[str, Any]) -> list[str]:
                               for m, r in real["metrics"].items()])]
     p = payload.get("imagenet_projection")
     if isinstance(p, dict):
-        lines += ["", *table(["ImageNet-scale projection (CPU, cosine)", "setup s", "chunk s (median)", "queries / chunk",
-                              "projected min", "peak RSS MiB"],
+        lines += ["", *table(["ImageNet-scale projection (CPU, cosine)", "setup s", "measured calls",
+                              "ms / query", "projected min", "peak RSS MiB"],
                              [[f"{p['database']} x {p['queries_projected']} x {p['dim']}", p["setup_seconds"],
-                               statistics.median(p["chunk_seconds"]), p["chunk_queries"], p["projected_seconds"] / 60,
-                               p["peak_rss_mb_after"]]])]
+                               ", ".join(f"{c['queries']} q: {c['seconds']:.1f} s" for c in p["calls"]),
+                               p["seconds_per_query"] * 1e3, p["projected_seconds"] / 60, p["peak_rss_mb_after"]]])]
     reruns = [f"{part} measured {payload[part]['rerun']['date']} (load {payload[part]['rerun']['load_before']}, "
               f"{payload[part]['rerun'].get('torch_threads', '?')} threads)"
               for part in ("real_embeddings", "imagenet_projection")

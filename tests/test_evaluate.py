@@ -474,3 +474,26 @@ def test_cuda_fast_path_equals_cpu_float64_path(metric):
     gpu = retrieval_metrics(*(torch.tensor(x).cuda() for x in (dbi, dbli, qi, qli)), metric=metric)
     cpu = retrieval_metrics(*(torch.tensor(x) for x in (dbi, dbli, qi, qli)), metric=metric, exact=True)
     assert gpu["map"] == pytest.approx(cpu["map"], abs=1e-12) and gpu["p@10"] == pytest.approx(cpu["p@10"], abs=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_parallel_chunks_equal_one_thread_and_restore_thread_settings(metric):
+    # Whole chunks run on several threads (BLAS and torch held to one thread each meanwhile). Integer
+    # features give tie rows (packed-key and grid redo paths), uneven chunk counts per label.
+    from threadpoolctl import threadpool_info
+
+    db, dbl, q, ql = _integer_data(11, 1200, 97, 3, 5, lo=-3, hi=4)
+    args = [torch.as_tensor(x) for x in (db, dbl, q, ql)]
+    before = torch.get_num_threads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    try:
+        torch.set_num_threads(1)
+        one = retrieval_metrics_multi(*args, metric=metric, chunk_size=9)
+        torch.set_num_threads(3)
+        assert retrieval_metrics_multi(*args, metric=metric, chunk_size=9) == one
+        assert retrieval_metrics_multi(*args, metric=metric) == one  # default chunking split for 3 workers
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
+    check_against_ref(db[:300], dbl[:300], q, ql, metric, ks=(1, 10, 100), chunk_size=4)
