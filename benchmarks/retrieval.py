@@ -18,9 +18,8 @@ reference protocol: map, map11, p@k, every PR-curve point) is compared with the
 float64 grid path (``exact=True``); the mAP is also checked against an
 independent float64 ground truth (numpy keys, stable argsort) on 200 queries.
 Real embeddings: a random cnn32_small's embedding tap on Fashion-MNIST, default path
-vs ``exact=True`` on every metric. ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from two measured
-calls: one on two classes' 100 queries and one on six classes' 300, the
-difference giving the per-query cost. Writes ``benchmarks/results/retrieval.json``
+vs ``exact=True`` on every metric. ImageNet scale (1.28M x 50k x 512-d, 1000 classes) is projected from measured
+rounds of default-size chunks run side by side, as the library runs them. Writes ``benchmarks/results/retrieval.json``
 (``--quick``: ``retrieval_quick.json``) with the machine and ``os.getloadavg()``.
 """
 
@@ -178,45 +177,60 @@ def bench_size(n_db: int, n_q: int, authors_runs: int) -> dict[str, Any]:
     return out
 
 
-def imagenet_projection(quick: bool, classes_small: int = 2, classes_large: int = 6) -> dict[str, Any]:
-    """Project a 1.28M x 50k x 512-d evaluation (1000 classes, 50 queries each, cosine) from two measured calls.
+def imagenet_projection(quick: bool, rounds: int = 3) -> dict[str, Any]:
+    """Project a 1.28M x 50k x 512-d evaluation (1000 classes, 50 queries each, cosine) from measured chunks.
 
-    Two calls of the public ``retrieval_metrics_multi`` (default path, both protocols, the default
-    chunking and threads) against the full database: one with ``classes_small`` classes' queries, one
-    with ``classes_large`` classes'. Their difference gives the per-query cost, the rest of the small
-    call the one-off setup (float64 label-sorted database, norms, label grouping).
+    Times the one-off setup (the float64 label-sorted database and norms) and the
+    default path's chunk work as ``retrieval_metrics_multi`` runs it: chunks of the
+    default size from different classes, as many side by side as it runs
+    (``_run_chunks``: one per thread), each ranked and scored under both protocols.
+    ``rounds`` rounds of one chunk per thread; per query = median round / queries per round.
     """
+    from indistill.evaluate import (_CHUNK_SCORES, _MAX_WORKERS, _buffered_ranker, _Database, _reference,
+                                    _run_chunks, _standard)
+
     n_db, dim, classes, per_class = (128_000, 512, 100, 50) if quick else (1_281_167, 512, 1000, 50)
     rng = np.random.default_rng(1)
-    labels = np.sort(rng.integers(0, classes, n_db))
+    labels = np.sort(rng.integers(0, classes, n_db))  # grouped labels: no label-sorted copy is made
     db = torch.empty(n_db, dim)
     centers = rng.normal(size=(classes, dim)).astype(np.float32) * 0.35
     for i in range(0, n_db, 65536):  # generated in blocks to keep the float64 temporaries small
         block = rng.standard_normal((min(65536, n_db - i), dim), dtype=np.float32)
         db[i : i + len(block)] = torch.from_numpy(block + centers[labels[i : i + len(block)]])
-    db_labels = torch.from_numpy(labels)
     rss0 = peak_rss_mb()
-    timed = {}
-    for n_cls in (classes_small, classes_large):
-        ql = np.repeat(np.arange(n_cls), per_class)
-        q = torch.from_numpy(centers[ql] + rng.standard_normal((len(ql), dim), dtype=np.float32))
+    t0 = time.perf_counter()
+    base = _Database(db, torch.arange(n_db), torch.device("cpu"), "cosine")
+    setup = time.perf_counter() - t0
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=classes))])
+    chunk = max(1, min(4096, _CHUNK_SCORES["cpu"] // n_db, per_class))
+    workers = min(torch.get_num_threads(), _MAX_WORKERS)
+    rank = _buffered_ranker(base, chunk)
+
+    def work(item: tuple[int, torch.Tensor], rows: Any) -> None:
+        c, q = item
+        ranks = rank(q, int(bounds[c]), int(bounds[c + 1]), rows)
+        _standard(ranks, KS)
+        _reference(ranks, torch.full((len(q),), 128), KS)
+
+    times = []
+    for r in range(rounds):
+        items = [(c, torch.from_numpy(centers[c] + rng.standard_normal((chunk, dim), dtype=np.float32)).double())
+                 for c in range(r * workers, (r + 1) * workers)]
         t0 = time.perf_counter()
-        retrieval_metrics_multi(db, db_labels, q, torch.from_numpy(ql), metric="cosine", ks=KS)
-        timed[len(ql)] = time.perf_counter() - t0
-        print(f"  ImageNet-scale call: {len(ql)} queries x {n_db} x {dim}: {timed[len(ql)]:.1f}s", flush=True)
-    (q_small, t_small), (q_large, t_large) = sorted(timed.items())
-    per_query = (t_large - t_small) / (q_large - q_small)
-    setup = max(0.0, t_small - per_query * q_small)
+        _run_chunks(work, items, workers)
+        times.append(time.perf_counter() - t0)
+        print(f"  ImageNet-scale round {r}: {workers} chunk(s) of {chunk} queries x {n_db} x {dim}: "
+              f"{times[-1]:.2f}s", flush=True)
+    per_query = statistics.median(times) / (chunk * workers)
     total_q = classes * per_class
     return {
         "database": n_db, "dim": dim, "classes": classes, "queries_projected": total_q,
-        "calls": [{"queries": n, "seconds": sec} for n, sec in sorted(timed.items())],
-        "torch_threads": torch.get_num_threads(), "setup_seconds": setup,
+        "chunk_queries": chunk, "workers": workers, "round_seconds": times, "setup_seconds": setup,
         "seconds_per_query": per_query, "projected_seconds": setup + per_query * total_q,
         "peak_rss_mb_before": rss0, "peak_rss_mb_after": peak_rss_mb(),
         "load_average": list(os.getloadavg()),
-        "note": "cosine, default path; per query = difference of two calls / difference of their query counts; "
-                "projected = setup + per query x all queries",
+        "note": "cosine, default chunk size, chunks side by side as retrieval_metrics_multi runs them; "
+                "projected = setup + median round / queries per round x all queries",
     }
 
 
@@ -314,10 +328,11 @@ def render(payload: dict[str, Any]) -> list[str]:
                               for m, r in real["metrics"].items()])]
     p = payload.get("imagenet_projection")
     if isinstance(p, dict):
-        lines += ["", *table(["ImageNet-scale projection (CPU, cosine)", "setup s", "measured calls",
-                              "ms / query", "projected min", "peak RSS MiB"],
+        rounds = p.get("round_seconds", p.get("chunk_seconds", []))  # chunk_seconds: files before side-by-side chunks
+        lines += ["", *table(["ImageNet-scale projection (CPU, cosine)", "setup s", "round s (median)",
+                              "queries / round", "ms / query", "projected min", "peak RSS MiB"],
                              [[f"{p['database']} x {p['queries_projected']} x {p['dim']}", p["setup_seconds"],
-                               ", ".join(f"{c['queries']} q: {c['seconds']:.1f} s" for c in p["calls"]),
+                               statistics.median(rounds), p["chunk_queries"] * p.get("workers", 1),
                                p["seconds_per_query"] * 1e3, p["projected_seconds"] / 60, p["peak_rss_mb_after"]]])]
     reruns = [f"{part} measured {payload[part]['rerun']['date']} (load {payload[part]['rerun']['load_before']}, "
               f"{payload[part]['rerun'].get('torch_threads', '?')} threads)"

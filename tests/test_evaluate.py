@@ -273,6 +273,13 @@ def test_bad_inputs_raise_user_errors():
         retrieval_metrics(db, dbl, torch.randn(4, 2), ql, ks=(1,))
     with pytest.raises(UserError, match="NaN"):
         retrieval_metrics(db, dbl, q.masked_fill(q > 0, float("nan")), ql, ks=(1,))
+    for bad in (float("inf"), -float("inf"), float("nan")):  # a single bad database value, either sign
+        broken = db.clone()
+        broken[3, 1] = bad
+        with pytest.raises(UserError, match="NaN or inf"):
+            retrieval_metrics(broken, dbl, q, ql, ks=(1,))
+        with pytest.raises(UserError, match="NaN or inf"):
+            retrieval_metrics(broken.double(), dbl, q, ql, ks=(1,))
 
 
 # ----------------------------------------------------------------------------- classification
