@@ -504,3 +504,27 @@ def test_parallel_chunks_equal_one_thread_and_restore_thread_settings(metric):
         torch.set_num_threads(before)
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
     check_against_ref(db[:300], dbl[:300], q, ql, metric, ks=(1, 10, 100), chunk_size=4)
+
+
+def test_concurrent_callers_get_lone_results_and_thread_settings_come_back():
+    # Callers evaluating at once (threads of one process) get the results of a lone call, and the
+    # torch/BLAS thread settings the parallel path lowers meanwhile come back.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    db, dbl, q, ql = _integer_data(12, 900, 60, 3, 4, lo=-3, hi=4)
+    args = [torch.as_tensor(x) for x in (db, dbl, q, ql)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with threadpool_limits(limits=2, user_api="blas"):
+            alone = retrieval_metrics_multi(*args, metric="cosine", chunk_size=5)
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda _: retrieval_metrics_multi(*args, metric="cosine", chunk_size=5),
+                                        range(12)))
+            assert all(r == alone for r in results)
+            assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == [2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
