@@ -328,11 +328,10 @@ def render(payload: dict[str, Any]) -> list[str]:
                               for m, r in real["metrics"].items()])]
     p = payload.get("imagenet_projection")
     if isinstance(p, dict):
-        rounds = p.get("round_seconds", p.get("chunk_seconds", []))  # chunk_seconds: files before side-by-side chunks
         lines += ["", *table(["ImageNet-scale projection (CPU, cosine)", "setup s", "round s (median)",
                               "queries / round", "ms / query", "projected min", "peak RSS MiB"],
                              [[f"{p['database']} x {p['queries_projected']} x {p['dim']}", p["setup_seconds"],
-                               statistics.median(rounds), p["chunk_queries"] * p.get("workers", 1),
+                               statistics.median(p["round_seconds"]), p["chunk_queries"] * p["workers"],
                                p["seconds_per_query"] * 1e3, p["projected_seconds"] / 60, p["peak_rss_mb_after"]]])]
     reruns = [f"{part} measured {payload[part]['rerun']['date']} (load {payload[part]['rerun']['load_before']}, "
               f"{payload[part]['rerun'].get('torch_threads', '?')} threads)"
