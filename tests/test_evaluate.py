@@ -506,6 +506,40 @@ def test_parallel_chunks_equal_one_thread_and_restore_thread_settings(metric):
     check_against_ref(db[:300], dbl[:300], q, ql, metric, ks=(1, 10, 100), chunk_size=4)
 
 
+def test_one_torch_thread_holds_blas_to_one_thread(monkeypatch):
+    # torch.set_num_threads(1) is the thread budget of a 1-thread worker process: the default path's
+    # numpy matmul must not start one BLAS thread per core beside it (2 such processes ran 2x slower).
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import indistill.evaluate as ev
+
+    seen: list[list[int]] = []
+    keys = ev._Database.keys
+
+    def spy(self, *a, **k):
+        seen.append([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"])
+        return keys(self, *a, **k)
+
+    monkeypatch.setattr(ev._Database, "keys", spy)
+    db, dbl, q, ql = _integer_data(13, 400, 30, 3, 4, lo=-3, hi=4)
+    args = [torch.as_tensor(x) for x in (db, dbl, q, ql)]
+    before = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):
+            torch.set_num_threads(1)
+            one = retrieval_metrics_multi(*args, metric="cosine")
+            assert seen and all(n == [1] * len(n) and n for n in seen), seen
+            assert all(p["num_threads"] == 2 for p in threadpool_info() if p["user_api"] == "blas")
+            torch.set_num_threads(2)
+            seen.clear()
+            sub = [args[0], args[1], args[2][:1], args[3][:1]]  # one query: a single chunk
+            assert retrieval_metrics_multi(*sub, metric="cosine") == retrieval_metrics_multi(*sub, metric="cosine",
+                                                                                             exact=True)
+            assert seen and all(n == [2] * len(n) and n for n in seen), seen
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_concurrent_callers_get_lone_results_and_thread_settings_come_back():
     # Callers evaluating at once (threads of one process) get the results of a lone call, and the
     # torch/BLAS thread settings the parallel path lowers meanwhile come back.

@@ -625,13 +625,16 @@ def _run_chunks(fn: Callable[[Any, _Rows], None], chunks: Sequence[Any], workers
     Each thread runs its chunk's matmul and sorts alone: numpy's BLAS and torch are held to one
     thread meanwhile (restored after), since idle BLAS/OpenMP threads spinning beside the sort threads
     cost more than they give on a few cores. With one worker (or one chunk) the chunks run in
-    order, a chunk's rows split over ``workers`` threads. Exceptions propagate.
+    order, a chunk's rows split over ``workers`` threads, BLAS held to ``workers`` threads too: with
+    ``torch.set_num_threads(1)`` (e.g. one of several 1-thread worker processes) an unlimited BLAS
+    would start one thread per core in every process. Exceptions propagate.
     """
     if workers <= 1 or len(chunks) <= 1:
         rows = _Rows(workers)
         try:
-            for ch in chunks:
-                fn(ch, rows)
+            with threadpool_limits(limits=max(1, workers), user_api="blas"):
+                for ch in chunks:
+                    fn(ch, rows)
         finally:
             rows.close()
         return
@@ -738,6 +741,8 @@ def retrieval_metrics_multi(
         qi = torch.nonzero(q_codes == c)[:, 0]
         a, b = int(bounds[c]), int(bounds[c + 1])
         chunks += [(a, b, qi[s0 : s0 + chunk_size]) for s0 in range(0, len(qi), chunk_size)]
+    if workers > 1:  # most queries first (a row costs one pass over the database whatever its label):
+        chunks.sort(key=lambda ch: -len(ch[2]))  # threads taking chunks as they free up finish closer together
 
     rank = _buffered_ranker(db, chunk_size)
 
