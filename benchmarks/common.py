@@ -49,8 +49,23 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "blas": blas_info(),
     }
     return info
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """numpy's BLAS (and any other loaded): library, version, the kernel set it picked, threads.
+
+    The kernel set matters: OpenBLAS 0.3.31-0.3.34 do not recognise this AMD EPYC (family 26) and run
+    their Haswell (AVX2) kernels; ``OPENBLAS_CORETYPE=SkylakeX`` selects the AVX-512 ones.
+    """
+    import numpy  # noqa: F401  (loads its BLAS, so threadpoolctl sees it)
+    from threadpoolctl import threadpool_info
+
+    return [{"library": p.get("internal_api"), "version": p.get("version"),
+             "architecture": p.get("architecture"), "threads": p.get("num_threads")}
+            for p in threadpool_info() if p.get("user_api") == "blas"]
 
 
 def _cpu_model() -> str:
@@ -169,7 +184,8 @@ def _machine_line(payload: dict[str, Any]) -> str:
         f"_Run {payload.get('date', '?')} ({'quick' if payload.get('quick') else 'full'} mode) on "
         f"{m.get('processor', '?')}, {m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')} "
         f"({m.get('torch_threads', '?')} threads), CUDA: {m.get('cuda') or 'none'}; "
-        f"load average before {la_b}, after {la_a}. Command: `{payload.get('command', 'python -m benchmarks')}`._"
+        + "".join(f"{b['library']} {b['version']} ({b['architecture']} kernels); " for b in m.get("blas") or [])
+        + f"load average before {la_b}, after {la_a}. Command: `{payload.get('command', 'python -m benchmarks')}`._"
     )
 
 

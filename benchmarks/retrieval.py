@@ -41,6 +41,8 @@ import torch
 from indistill.evaluate import retrieval_metrics, retrieval_metrics_multi
 
 GROUND_TRUTH_QUERIES = 200
+# (database, queries, authors' runs): ours runs one more time than theirs, interleaved around them
+SIZES = [(30000, 3000, 3), (60000, 10000, 1)]
 KS = (1, 10, 100)
 
 
@@ -113,9 +115,13 @@ def max_metric_diff(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) 
     return worst, where
 
 
+# Environment variables that change what is measured: kept in the result's command line.
+_ENV = ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE")
+
+
 def _command() -> str:
-    """The command line that produced this result (with OMP_NUM_THREADS when set)."""
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    """The command line that produced this result (with the variables of ``_ENV`` that are set)."""
+    env = "".join(f"{k}={os.environ[k]} " for k in _ENV if k in os.environ)
     module = "benchmarks" if sys.argv[0].endswith("__main__.py") and "benchmarks" in sys.argv[0] else "benchmarks.retrieval"
     return f"{env}python -m {module} {' '.join(sys.argv[1:])}".rstrip()
 
@@ -270,6 +276,14 @@ def real_embeddings_check(quick: bool) -> dict[str, Any]:
     return out
 
 
+def result_path(quick: bool) -> Path:
+    """results/retrieval[_quick].json; with OPENBLAS_CORETYPE set, a file of its own (``_openblas_<type>``),
+    so a run with another BLAS kernel set never replaces the default-environment result."""
+    core = os.environ.get("OPENBLAS_CORETYPE", "").strip().lower()
+    name = "retrieval" + (f"_openblas_{core}" if core else "") + ("_quick" if quick else "")
+    return Path(__file__).parent / "results" / f"{name}.json"
+
+
 def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (also written as JSON)."""
     from .common import load_average, machine_info
@@ -278,7 +292,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     load_start = load_average()
     t_start = time.perf_counter()
-    sizes = [(6000, 1000, 2)] if quick else [(30000, 3000, 2), (60000, 10000, 1)]
+    sizes = [(6000, 1000, 2)] if quick else SIZES
     out: dict[str, Any] = {
         "benchmark": "retrieval", "quick": quick, "machine": machine_info(),
         "load_before": load_start, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -294,7 +308,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
           f"({p['seconds_per_query'] * 1e3:.1f} ms/query), peak RSS {p['peak_rss_mb_after']:.0f} MB", flush=True)
     out["load_after"] = load_average()
     out["wall_s"] = time.perf_counter() - t_start
-    path = Path(__file__).parent / "results" / ("retrieval_quick.json" if quick else "retrieval.json")
+    path = result_path(quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -351,7 +365,7 @@ def update(parts: list[str], quick: bool) -> dict[str, Any]:
     """
     from .common import load_average, machine_info
 
-    path = Path(__file__).parent / "results" / ("retrieval_quick.json" if quick else "retrieval.json")
+    path = result_path(quick)
     out = json.loads(path.read_text())
     if "sizes" in parts:
         for part in ("real_embeddings", "imagenet_projection"):
@@ -360,7 +374,7 @@ def update(parts: list[str], quick: bool) -> dict[str, Any]:
                                       "load_after": out.get("load_after"),
                                       "torch_threads": (out.get("machine") or {}).get("torch_threads")}
         before, t0 = load_average(), time.perf_counter()
-        sizes = [(6000, 1000, 2)] if quick else [(30000, 3000, 2), (60000, 10000, 1)]
+        sizes = [(6000, 1000, 2)] if quick else SIZES
         out["sizes"] = [bench_size(n_db, n_q, runs) for n_db, n_q, runs in sizes]
         out.update({"machine": machine_info(), "load_before": before, "load_after": load_average(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command(),

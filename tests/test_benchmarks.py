@@ -115,3 +115,23 @@ def test_list_schedule_starts_each_cell_on_the_first_free_worker():
 
     assert list_schedule([5, 3, 3, 3], 2) == 8  # w1: 0-5, w2: 0-3, w2: 3-6, w1 (free first): 5-8
     assert list_schedule([4], 3) == 4 and list_schedule([1, 1, 1], 1) == 3
+
+
+def test_retrieval_result_path_keeps_blas_kernel_runs_apart(monkeypatch):
+    from benchmarks import retrieval
+
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert retrieval.result_path(False).name == "retrieval.json"
+    assert retrieval.result_path(True).name == "retrieval_quick.json"
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "SkylakeX")
+    assert retrieval.result_path(False).name == "retrieval_openblas_skylakex.json"
+    assert "OPENBLAS_CORETYPE=SkylakeX " in retrieval._command()
+
+
+def test_machine_info_names_numpys_blas_kernels():
+    from benchmarks.common import _machine_line, machine_info
+
+    info = machine_info()
+    assert info["blas"] and all(b["library"] and b["threads"] >= 1 for b in info["blas"])
+    line = _machine_line({"machine": info, "load_before": [0.1], "load_after": [0.2], "date": "d"})
+    assert f"{info['blas'][0]['library']} {info['blas'][0]['version']}" in line
