@@ -116,7 +116,7 @@ def max_metric_diff(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) 
 
 
 # Environment variables that change what is measured: kept in the result's command line.
-_ENV = ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE")
+_ENV = ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def _command() -> str:
@@ -277,8 +277,8 @@ def real_embeddings_check(quick: bool) -> dict[str, Any]:
 
 
 def result_path(quick: bool) -> Path:
-    """results/retrieval[_quick].json; with OPENBLAS_CORETYPE set, a file of its own (``_openblas_<type>``),
-    so a run with another BLAS kernel set never replaces the default-environment result."""
+    """results/retrieval[_quick].json; with OPENBLAS_CORETYPE set, a file of its own (``_openblas_<type>``):
+    a run on kernels pinned by the environment never replaces the one on the kernels OpenBLAS picks itself."""
     core = os.environ.get("OPENBLAS_CORETYPE", "").strip().lower()
     name = "retrieval" + (f"_openblas_{core}" if core else "") + ("_quick" if quick else "")
     return Path(__file__).parent / "results" / f"{name}.json"
@@ -290,6 +290,11 @@ def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        print(f"  note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} pins numpy's BLAS kernels "
+              f"({', '.join(str(b['architecture']) for b in machine_info()['blas'])}); this run writes "
+              f"{result_path(quick).name}. Unset it (with OPENBLAS_L2_SIZE) to time the kernels OpenBLAS "
+              f"picks for this CPU.", flush=True)
     load_start = load_average()
     t_start = time.perf_counter()
     sizes = [(6000, 1000, 2)] if quick else SIZES
