@@ -431,6 +431,28 @@ def test_packed_keys_order_is_score_descending_then_index():
     assert order.tolist() == expected
 
 
+def test_tag_and_rank_flags_ties_the_tag_bit_hides_signed_zeros_included():
+    # The CPU tag pass flags a query whose relevant key ties an irrelevant one up to the tag bit: an
+    # exact tie, a pair one ulp apart, and +0 against -0 (equal keys whose bits differ in the sign too).
+    from indistill.evaluate import _Rows, _tag_and_rank
+
+    one_ulp = float(np.nextafter(0.75, 1.0))
+    rows = [  # columns 2:4 are the relevant block
+        ([1.0, -2.0, 0.5, 0.25, -1.0], False),
+        ([1.0, 0.5, 0.5, 0.25, -1.0], True),  # exact tie
+        ([1.0, 0.75, one_ulp, 0.25, -1.0], True),  # differ in the last bit only
+        ([1.0, -0.0, 0.0, 0.25, -1.0], True),  # relevant +0, irrelevant -0
+        ([1.0, 0.0, -0.0, 0.25, -1.0], True),  # relevant -0, irrelevant +0
+        ([1.0, -0.0, 0.0, 0.0, -1.0], True),
+        ([-0.0, 2.0, 0.5, 0.25, 0.0], False),  # signed zeros, both irrelevant
+        ([1.0, -0.0, 0.0, -0.0, -1.0], True),  # both signs within the relevant block, one irrelevant
+    ]
+    keys = torch.tensor([r for r, _ in rows], dtype=torch.float64)
+    pos, flag = _tag_and_rank(keys.clone(), 2, 4, _Rows(1))
+    assert flag.tolist() == [f for _, f in rows]
+    assert pos[0].tolist() == [2, 3]  # ascending positions of 0.25 and 0.5 among the sorted keys
+
+
 def test_packed_key_tie_rule_exact_ties_rank_by_database_index():
     # Euclidean, 1-d integer features: every key is an exact tie block of relevant and irrelevant
     # items; equal scores must rank by database index, lower first (the stable-sort rule).

@@ -438,16 +438,18 @@ def _tag_and_rank(
         tag = (x.view(np.uint8)[:, ::8] & 1).view(bool)
         flat = np.flatnonzero(tag).reshape(r1 - r0, R)
         out[r0:r1] = flat - (np.arange(r1 - r0) * N)[:, None]
-        flat_bits = bits.reshape(-1)  # rows of one chunk are contiguous: a view
-        # An irrelevant key equal to a relevant one up to the tag bit has exactly the relevant key's
-        # bits with the tag cleared; relevant keys carry the tag, so another relevant neighbour never matches.
-        twin = flat_bits[flat] ^ 1
-        hit = (flat_bits[np.maximum(flat - 1, 0)] == twin).any(1)
-        hit |= (flat_bits[np.minimum(flat + 1, flat_bits.size - 1)] == twin).any(1)
-        flag[r0:r1] = hit
+        # Sorted neighbours whose bits differ in the tag bit only are a relevant and an irrelevant key
+        # equal up to that bit. The sign bit is ignored too: a relevant +0 and an irrelevant -0 tie
+        # (0 == -0), yet their tagged bits differ in the sign as well.
+        d = bits[:, 1:] ^ bits[:, :-1]
+        d &= _NO_SIGN
+        flag[r0:r1] = (d == 1).any(1)
 
     rows.run(C, work)
     return torch.from_numpy(out), torch.from_numpy(flag)
+
+
+_NO_SIGN = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _collisions(srt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
