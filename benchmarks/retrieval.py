@@ -192,8 +192,8 @@ def imagenet_projection(quick: bool, rounds: int = 3) -> dict[str, Any]:
     (``_run_chunks``: one per thread), each ranked and scored under both protocols.
     ``rounds`` rounds of one chunk per thread; per query = median round / queries per round.
     """
-    from indistill.evaluate import (_CHUNK_SCORES, _MAX_WORKERS, _buffered_ranker, _Database, _reference,
-                                    _run_chunks, _standard)
+    from indistill.evaluate import (_MAX_WORKERS, _buffered_ranker, _Database, _reference, _run_chunks, _standard,
+                                    default_chunk_rows)
 
     n_db, dim, classes, per_class = (128_000, 512, 100, 50) if quick else (1_281_167, 512, 1000, 50)
     rng = np.random.default_rng(1)
@@ -208,7 +208,7 @@ def imagenet_projection(quick: bool, rounds: int = 3) -> dict[str, Any]:
     base = _Database(db, torch.arange(n_db), torch.device("cpu"), "cosine")
     setup = time.perf_counter() - t0
     bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=classes))])
-    chunk = max(1, min(4096, _CHUNK_SCORES["cpu"] // n_db, per_class))
+    chunk = min(default_chunk_rows(n_db), per_class)
     workers = min(torch.get_num_threads(), _MAX_WORKERS)
     rank = _buffered_ranker(base, chunk)
 
