@@ -138,7 +138,7 @@ _CHUNK_SCORES = {"cpu": 1 << 25, "cuda": 1 << 27}
 # 3.09 s at 250 rows, 3.17 at 170, 3.47 at 559 (the 2**25-score budget alone).
 _CPU_CHUNK_ROWS = 256
 # Rows per block of the CPU tag-and-sort pass: 16 rows x 60k float64 keys ~ 8 MB, within a server
-# core's share of cache, where the whole chunk (256 MB) is not.
+# core's share of cache, where a whole chunk (up to 256 rows x N x 8 bytes) is not.
 _TAG_BLOCK_ROWS = 16
 # Most chunk threads of the CPU fast path: each holds one chunk of scores (up to 256 MB) in flight.
 _MAX_WORKERS = 8
@@ -398,6 +398,9 @@ class _Database:
         (np.divide if self.metric == "cosine" else np.add)(x, sn, out=x)
 
 
+_NO_SIGN = np.int64(0x7FFF_FFFF_FFFF_FFFF)  # every bit of an int64 but the sign
+
+
 def _tag_and_rank(
     s: torch.Tensor, a: int, b: int, rows: _Rows, finish: Callable[[np.ndarray], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,9 +455,6 @@ def _tag_and_rank(
 
     rows.run(C, work)
     return torch.from_numpy(out), torch.from_numpy(flag)
-
-
-_NO_SIGN = np.int64(0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _collisions(srt: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
