@@ -43,6 +43,7 @@ from indistill.evaluate import retrieval_metrics, retrieval_metrics_multi
 GROUND_TRUTH_QUERIES = 200
 # (database, queries, authors' runs): ours runs one more time than theirs, interleaved around them
 SIZES = [(30000, 3000, 3), (60000, 10000, 1)]
+QUICK_SIZES = [(6000, 1000, 2)]
 KS = (1, 10, 100)
 
 
@@ -286,18 +287,18 @@ def result_path(quick: bool) -> Path:
 
 def run(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result dict (also written as JSON)."""
-    from .common import load_average, machine_info
+    from .common import blas_info, load_average, machine_info
 
     if threads:
         torch.set_num_threads(threads)
     if os.environ.get("OPENBLAS_CORETYPE"):
         print(f"  note: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} pins numpy's BLAS kernels "
-              f"({', '.join(str(b['architecture']) for b in machine_info()['blas'])}); this run writes "
+              f"({', '.join(str(b['architecture']) for b in blas_info())}); this run writes "
               f"{result_path(quick).name}. Unset it (with OPENBLAS_L2_SIZE) to time the kernels OpenBLAS "
               f"picks for this CPU.", flush=True)
     load_start = load_average()
     t_start = time.perf_counter()
-    sizes = [(6000, 1000, 2)] if quick else SIZES
+    sizes = QUICK_SIZES if quick else SIZES
     out: dict[str, Any] = {
         "benchmark": "retrieval", "quick": quick, "machine": machine_info(),
         "load_before": load_start, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -383,7 +384,7 @@ def update(parts: list[str], quick: bool) -> dict[str, Any]:
                                       "load_after": out.get("load_after"),
                                       "torch_threads": (out.get("machine") or {}).get("torch_threads")}
         before, t0 = load_average(), time.perf_counter()
-        sizes = [(6000, 1000, 2)] if quick else SIZES
+        sizes = QUICK_SIZES if quick else SIZES
         out["sizes"] = [bench_size(n_db, n_q, runs) for n_db, n_q, runs in sizes]
         out.update({"machine": machine_info(), "load_before": before, "load_after": load_average(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": _command(),
