@@ -336,7 +336,7 @@ def render(payload: dict[str, Any]) -> list[str]:
         "approach is sklearn brute-force kNN with a full ranking plus their numpy passes. `diff vs exact`: the",
         "largest difference over every metric (map, map11, p@k, PR points; both protocols) between the default",
         "path and the float64 grid path (`exact=True`). The BLAS kernels in the machine line matter: the float64",
-        "matmul is ~40% of our time. `retrieval.json` is timed on the kernels numpy's OpenBLAS picks for the CPU;",
+        "matmul is, with the sort, most of our time. `retrieval.json` is timed on the kernels numpy's OpenBLAS picks;",
         "an environment that pins them (`OPENBLAS_CORETYPE`, set on the benchmark machine) gets",
         "`retrieval_openblas_<type>.json` (`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks",
         "--only retrieval` runs without the pin).",
