@@ -118,7 +118,7 @@ def test_cnn_pruned_taps_equal_physically_pruned_blocks():
     torch.testing.assert_close(out["logits"], full["logits"], atol=0, rtol=0)
     assert pruned.table()[1] == {
         "teacher_tap": "stage2", "student_tap": "stage2", "teacher_shape": (32, 6, 6),
-        "student_shape": (16, 6, 6), "kept": 16, "producer": "block2.conv",
+        "student_shape": (16, 6, 6), "kept": 16, "producer": "block2.conv", "bn": "teacher",
     }
     assert pruned.widths == {"stage1": (16, 8), "stage2": (32, 16), "stage3": (64, 32)}
 

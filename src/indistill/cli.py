@@ -191,7 +191,7 @@ def cmd_prune(args) -> int:
 
 def cmd_validate(args) -> int:
     """Build everything and push one batch through every stage; no training, nothing written."""
-    from .config import resolve_arms
+    from .config import describe_arm, resolve_arms
     from .pipeline import Pipeline
 
     cfg = _config(args.config, args.overrides)
@@ -200,7 +200,7 @@ def cmd_validate(args) -> int:
     src = "auxiliary" if cfg.auxiliary.enabled else "teacher"
     for arm in resolve_arms(cfg):
         print(f"arm {arm.name}: warmup={arm.warmup} method={arm.method} params={arm.params or {}} "
-              f"({cfg.student.train.epochs} student epochs, source {src})")
+              f"({cfg.student.train.epochs} student epochs, source {src}); {describe_arm(arm)}")
     print(f"ok: {args.config or 'config'} is valid ({p.data.name}: {len(p.data.train)} train / {len(p.data.test)} test)")
     return 0
 

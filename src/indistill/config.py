@@ -105,13 +105,16 @@ class StudentSpec(ModelSpec):
     ``train.epochs`` is each arm's total: the warmup (if the arm has one) takes
     its first epochs and the KD method the rest, under one optimizer and one
     learning-rate schedule over absolute student epochs, identical for every arm.
-    ``kd_boundary`` says what happens to the optimizer state when the warmup
-    hands over to the KD method: ``keep`` (default: one optimizer over the whole
-    run, as the paper's single 70-epoch student run) or ``reset`` (fresh moments).
+    ``optimizer_reset`` says when the optimizer's state (Adam's moments) is
+    cleared: ``none`` (one optimizer throughout), ``boundary`` (when the warmup
+    hands over to the KD method), ``phase`` (whenever the loss changes: every
+    curriculum phase and the boundary; the default of ``warmup.reference:
+    described``) or ``epoch`` (every epoch, as the authors' code re-creates Adam;
+    the default of ``warmup.reference: authors``). The schedule is never reset.
     """
 
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=25))
-    kd_boundary: str = "keep"  # keep | reset
+    optimizer_reset: str | None = None  # none | boundary | phase | epoch; null: warmup.reference's choice
 
 
 @dataclass
@@ -136,6 +139,9 @@ class WarmupSpec:
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
     resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; see prune.resize_map)
     evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
+    # What the method description leaves open, as described (METHOD.md's choices) or as the authors' code does:
+    reference: str = "described"  # described | authors: the defaults of optimizer_reset and pruned_bn (docs/method.md)
+    pruned_bn: str | None = None  # teacher | authors (batch statistics, gamma kept, beta 0); null: reference's choice
 
 
 @dataclass
@@ -159,6 +165,10 @@ class ArmSpec:
     warmup: str | None = None  # indistill | none
     method: str | None = None  # any registered KD method, `ce` included
     params: dict[str, Any] | None = None  # this arm's method parameters (default: kd.params[method])
+    reference: str | None = None  # described | authors (default: warmup.reference)
+    optimizer_reset: str | None = None  # none | boundary | phase | epoch (default: student.optimizer_reset)
+    pruned_bn: str | None = None  # teacher | authors (default: warmup.pruned_bn)
+    baseline: list[str] | None = None  # arms a grid pairs this one with (default: same method, no warmup)
 
 
 @dataclass
@@ -223,7 +233,12 @@ class Config:
 
 _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("Config", "precision"): ("fp32", "bf16", "fp16"),
-    ("StudentSpec", "kd_boundary"): ("keep", "reset"),
+    ("StudentSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
+    ("WarmupSpec", "reference"): ("described", "authors"),
+    ("WarmupSpec", "pruned_bn"): (None, "teacher", "authors"),
+    ("ArmSpec", "reference"): (None, "described", "authors"),
+    ("ArmSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
+    ("ArmSpec", "pruned_bn"): (None, "teacher", "authors"),
     ("OptimizerSpec", "name"): ("adam", "adamw", "sgd"),
     ("TrainSpec", "precision"): (None, "fp32", "bf16", "fp16"),
     ("SchedulerSpec", "name"): ("none", "multistep", "cosine"),
@@ -276,7 +291,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("DataSpec", "train_subset"): _AT_LEAST_1,
     ("DataSpec", "test_subset"): _AT_LEAST_1,
     ("DataSpec", "num_workers"): _AT_LEAST_0,
-    ("TrainSpec", "epochs"): _AT_LEAST_1,  # teacher.train, auxiliary.ce/pkt, kd.train, train
+    ("TrainSpec", "epochs"): _AT_LEAST_1,  # teacher.train, auxiliary.ce/pkt, student.train, train
     ("TrainSpec", "eval_every"): _AT_LEAST_0,  # 0: never
     ("OptimizerSpec", "lr"): _POSITIVE,
     ("OptimizerSpec", "weight_decay"): _AT_LEAST_0,
@@ -480,10 +495,36 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: ``student.kd_boundary`` (runs made before ``optimizer_reset``) -> the ``optimizer_reset`` it meant
+LEGACY_KD_BOUNDARY = {"keep": "none", "reset": "boundary"}
+
+#: what ``warmup.reference`` sets where ``optimizer_reset`` / ``pruned_bn`` are left unset
+REFERENCES: dict[str, dict[str, str]] = {
+    "described": {"optimizer_reset": "phase", "pruned_bn": "teacher"},
+    "authors": {"optimizer_reset": "epoch", "pruned_bn": "authors"},
+}
+
+
 def _normalise(tree: dict[str, Any]) -> dict[str, Any]:
     # `warmup: none` / `warmup: indistill` is shorthand for warmup.mode.
     if isinstance(tree.get("warmup"), str):
         tree["warmup"] = {"mode": tree["warmup"]}
+    return upgrade_legacy(tree)
+
+
+def upgrade_legacy(tree: dict[str, Any]) -> dict[str, Any]:
+    """Read a config written before ``student.optimizer_reset`` existed (``kd_boundary: keep|reset``)."""
+    student = tree.get("student")
+    if isinstance(student, dict) and "kd_boundary" in student:
+        student = dict(student)
+        old = student.pop("kd_boundary")
+        if old not in LEGACY_KD_BOUNDARY:
+            raise UserError(f"student.kd_boundary: '{old}' is not one of keep, reset "
+                            f"(it is now student.optimizer_reset: none | boundary | phase | epoch)")
+        if student.get("optimizer_reset") not in (None, LEGACY_KD_BOUNDARY[old]):
+            raise UserError("student.kd_boundary and student.optimizer_reset disagree; keep only optimizer_reset")
+        student["optimizer_reset"] = LEGACY_KD_BOUNDARY[old]
+        tree = {**tree, "student": student}
     return tree
 
 
@@ -555,8 +596,22 @@ def resolve_arms(cfg: Config) -> list[ArmSpec]:
         params = a.params if a.params is not None else cfg.kd.params.get(method, {})
         if not isinstance(params, dict):
             raise UserError(f"kd.params.{method} must be a mapping of parameters, got {params!r}")
-        out.append(ArmSpec(name=a.name, warmup=a.warmup or cfg.warmup.mode, method=method, params=dict(params)))
+        reference = a.reference or cfg.warmup.reference
+        out.append(ArmSpec(
+            name=a.name, warmup=a.warmup or cfg.warmup.mode, method=method, params=dict(params),
+            reference=reference,
+            optimizer_reset=a.optimizer_reset or cfg.student.optimizer_reset or REFERENCES[reference]["optimizer_reset"],
+            pruned_bn=a.pruned_bn or cfg.warmup.pruned_bn or REFERENCES[reference]["pruned_bn"],
+            baseline=list(a.baseline) if a.baseline is not None else None,
+        ))
     return out
+
+
+def describe_arm(arm: ArmSpec) -> str:
+    """One line naming what an arm runs, including the choices the method description leaves open."""
+    warm = "InDistill warmup, then " if arm.warmup == "indistill" else ""
+    bn = f", pruned BN: {arm.pruned_bn}" if arm.warmup == "indistill" else ""
+    return (f"{warm}{arm.method}; reference: {arm.reference} (optimizer reset: {arm.optimizer_reset}{bn})")
 
 
 def dump_config(cfg: Config) -> str:

@@ -84,6 +84,47 @@ def build_scheduler(opt: torch.optim.Optimizer, spec: SchedulerSpec, epochs: int
     raise UserError(f"unknown scheduler '{spec.name}'; use none, multistep or cosine")
 
 
+def second_moment_ratio(opt: torch.optim.Optimizer, stale: list[list[tuple[nn.Parameter, torch.Tensor]]],
+                        grad_scale: float = 1.0) -> list[float]:
+    """Per parameter group: the median over its tensors of RMS(sqrt(v_hat)) / RMS(gradient).
+
+    ``stale`` holds, per group, each parameter's bias-corrected ``sqrt(v_hat)`` as Adam had it when the
+    loss changed; the gradients are the new loss's first batch. A ratio far above 1 means Adam's
+    denominators still hold the old loss's scale: its steps are that many times smaller than a
+    fresh Adam's (what a reset at the boundary avoids).
+    """
+    out = []
+    for group in stale:
+        ratios = []
+        for p, denom in group:
+            if p.grad is None:
+                continue
+            g = p.grad.detach().float() / grad_scale
+            g_rms = float(g.pow(2).mean().sqrt())
+            if g_rms > 0:
+                ratios.append(float(denom.pow(2).mean().sqrt()) / g_rms)
+        out.append(float(np.median(ratios)) if ratios else math.nan)
+    return out
+
+
+def adam_denominators(opt: torch.optim.Optimizer) -> list[list[tuple[nn.Parameter, torch.Tensor]]] | None:
+    """Per group, ``(param, sqrt(v_hat))`` of every parameter Adam has state for; None for other optimizers."""
+    groups = []
+    for group in opt.param_groups:
+        beta2 = group.get("betas", (None, None))[1]
+        if beta2 is None:
+            return None
+        items = []
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                continue
+            step = float(st["step"])
+            items.append((p, (st["exp_avg_sq"].detach().float() / (1 - beta2 ** step)).sqrt()))
+        groups.append(items)
+    return groups if any(groups) else None
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -183,7 +224,7 @@ class Stage:
     weighted loss terms; their sum is minimised. ``phase(epoch)`` names the
     curriculum phase for the logs; ``evaluate(epoch)`` returns metrics to log.
     ``reset_optimizer_at`` lists epochs (0-based) at whose start the optimizer's
-    state (moments) is cleared. ``meta`` is stored in the final checkpoint
+    state (moments) is cleared; the learning-rate schedule is not. ``meta`` is stored in the final checkpoint
     (architecture, dataset, ...), so the checkpoint knows what it holds.
     """
 
@@ -487,7 +528,13 @@ class Engine:
     def run_epoch(self, stage: Stage, epoch: int, state: TrainState, split: Split | None = None) -> dict[str, Any]:
         """One epoch of ``stage`` over ``split`` (default: the engine's train split); returns its metrics row."""
         opt, scaler = state.optimizer, state.scaler
-        if epoch in stage.reset_optimizer_at:
+        phase_key = stage.phase(epoch) if stage.phase is not None else ""
+        # Where the loss changes, measure how stale Adam's second moments are for the new loss (the
+        # diagnostic of docs/method.md), before any reset clears them.
+        changed = epoch > 0 and stage.phase is not None and stage.phase(epoch - 1) != phase_key
+        stale = adam_denominators(opt) if changed else None
+        reset = epoch in stage.reset_optimizer_at
+        if reset:
             opt.state.clear()
         split = split or self.train_split
         stage.model.train()
@@ -506,7 +553,7 @@ class Engine:
             disable=not self.progress or not sys.stderr.isatty(), dynamic_ncols=True,
         )
         forward = state.forward if state.forward is not None else stage.loss_fn
-        phase_key = stage.phase(epoch) if stage.phase is not None else ""
+        ratios: list[float] | None = None
         for batch, weight in bar:
             if self.channels_last:
                 batch = batch._replace(images=batch.images.contiguous(memory_format=torch.channels_last))
@@ -518,6 +565,8 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients; the weight turns that into the global batch's mean.
             scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+            if stale is not None and ratios is None:
+                ratios = second_moment_ratio(opt, stale, float(scaler.get_scale()) if scaler.is_enabled() else 1.0)
             scaler.step(opt)
             scaler.update()
             bs = batch.labels.shape[0]
@@ -535,6 +584,14 @@ class Engine:
         if stage.phase is not None:
             row["phase"] = stage.phase(epoch)
         row["lr"] = float(opt.param_groups[0]["lr"])
+        if reset:
+            row["optimizer_reset"] = True
+        for i, r in enumerate(ratios or []):
+            row[f"adam_vhat_grad_ratio/g{i}"] = r
+        if ratios and ddp.is_main():
+            self.log.info(f"[{stage.name}] loss changed at epoch {epoch + 1} ({phase_key}): Adam's sqrt(v_hat) is "
+                          f"{', '.join(f'{r:.3g}' for r in ratios)}x the new gradient's RMS (median over tensors, per "
+                          f"group); optimizer state {'reset' if reset else 'kept'}")
         row.update({("loss" if k == "loss" else f"loss/{k}"): v / max(1, n_seen) for k, v in totals.items()})
         row["time_s"] = elapsed
         row["images_per_s"] = n_seen / elapsed if elapsed > 0 else math.nan

@@ -30,7 +30,7 @@ import yaml
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ArmSpec, Config, dump_config, load_config, resolve_arms, to_dict
-from .errors import UserError
+from .errors import UserError, suggest
 
 #: the metrics a grid summarises (key in a model's results -> label)
 HEADLINE = {
@@ -53,15 +53,30 @@ def cell_dir(root: Path, seed: int, arm: str) -> Path:
 
 
 def pairs_of(arms: list[ArmSpec]) -> dict[str, str]:
-    """``{"indistill_M": "M"}``: every warmup arm and the arm with the same method and params but no warmup."""
-    out = {}
+    """``{"indistill_M": "M"}``: every warmup arm and its first baseline (see :func:`comparisons`)."""
+    out: dict[str, str] = {}
+    for _key, warm, base in comparisons(arms):
+        out.setdefault(warm, base)
+    return out
+
+
+def comparisons(arms: list[ArmSpec]) -> list[tuple[str, str, str]]:
+    """``(key, warmup arm, baseline arm)`` for every paired comparison a grid reports.
+
+    A warmup arm is compared with the arms its ``baseline`` names or, without one, the first arm with
+    the same method and params but no warmup. The key is the warmup arm's name, or
+    ``"<warm> vs <base>"`` for each baseline of an arm that names several.
+    """
+    out = []
     for a in arms:
         if a.warmup != "indistill":
             continue
-        for b in arms:
-            if b.warmup == "none" and b.method == a.method and (b.params or {}) == (a.params or {}):
-                out[a.name] = b.name
-                break
+        bases = list(a.baseline or [])
+        if not bases:
+            bases = [b.name for b in arms if b.warmup == "none" and b.method == a.method
+                     and (b.params or {}) == (a.params or {})][:1]
+        for base in bases:
+            out.append((a.name if len(bases) == 1 else f"{a.name} vs {base}", a.name, base))
     return out
 
 
@@ -104,16 +119,16 @@ def summarise(results: dict[int, dict[str, dict[str, Any]]], arms: list[ArmSpec]
             if vals:
                 per_arm[a.name][m] = {**describe(vals), "values": vals}
     diffs: dict[str, Any] = {}
-    for warm, base in pairs_of(arms).items():
+    for key, warm, base in comparisons(arms):
         both = [s for s in seeds if warm in results[s] and base in results[s]]
         if not both:
             continue
-        diffs[warm] = {"baseline": base, "seeds": both, "metrics": {}}
+        diffs[key] = {"arm": warm, "baseline": base, "seeds": both, "metrics": {}}
         for m in metrics:
             d = [float(results[s][warm][m]) - float(results[s][base][m]) for s in both
                  if m in results[s][warm] and m in results[s][base]]
             if d:
-                diffs[warm]["metrics"][m] = {**paired(d), "values": d}
+                diffs[key]["metrics"][m] = {**paired(d), "values": d}
     return {"seeds": seeds, "metrics": metrics, "arms": per_arm, "paired": diffs}
 
 
@@ -151,7 +166,7 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
                 k = _scale(m)
                 cells.append("-" if s is None else f"{s['mean'] * k:+.2f} [{s['ci_low'] * k:+.2f}, {s['ci_high'] * k:+.2f}] "
                              f"{s['wins']}/{s['losses']}")
-            md.append(f"| {warm} - {p['baseline']} | " + " | ".join(cells) + " |")
+            md.append(f"| {p.get('arm', warm)} - {p['baseline']} | " + " | ".join(cells) + " |")
         md += ["", f"Detectable difference: the smallest true paired difference these seeds would detect with "
                f"{POWER:.0%} power (two-sided 5%), given the paired sd measured here (percentage points).", "",
                "| arms | seeds | " + " | ".join(HEADLINE[m] for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
@@ -160,7 +175,7 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
             for m in metrics:
                 s = p["metrics"].get(m)
                 cells.append("-" if s is None or not math.isfinite(s.get("mde80", float("nan"))) else f"{s['mde80'] * _scale(m):.2f}")
-            md.append(f"| {warm} - {p['baseline']} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
+            md.append(f"| {p.get('arm', warm)} - {p['baseline']} | {len(p['seeds'])} | " + " | ".join(cells) + " |")
     md += ["", "A confidence interval that contains 0 means this grid cannot tell the two arms apart on that metric.",
            "Retrieval: database = training split without augmentation, queries = test split, features = the embedding "
            "tap; (ref.) = the authors' evaluation protocol (docs/evaluation.md). Top-1 at the end of training.", ""]
@@ -180,15 +195,15 @@ def plot_grid(summary: dict[str, Any], results: dict[int, dict[str, dict[str, An
     out_dir.mkdir(parents=True, exist_ok=True)
     arms = list(summary["arms"])
     pairs = summary["paired"]
+    warm_base: dict[str, str] = {}
+    for key, p in pairs.items():
+        warm_base.setdefault(p.get("arm", key), p["baseline"])
     order: list[str] = []
-    for a in arms:  # each base arm followed by its warmup arm
-        if a in order:
+    for a in arms:  # each base arm followed by its warmup arms
+        if a in warm_base or a in order:
             continue
-        if a in pairs.values():
-            order.append(a)
-            order += [w for w, p in pairs.items() if p["baseline"] == a and w not in order]
-        elif a not in pairs:
-            order.append(a)
+        order.append(a)
+        order += [w for w, b in warm_base.items() if b == a and w not in order]
     order += [a for a in arms if a not in order]
     paths = []
     for m in summary["metrics"]:
@@ -199,7 +214,7 @@ def plot_grid(summary: dict[str, Any], results: dict[int, dict[str, dict[str, An
             if s is None:
                 continue
             vals = [v * k for v in s["values"]]
-            colour = "tab:orange" if a in pairs else "tab:blue"
+            colour = "tab:orange" if a in warm_base else "tab:blue"
             ax.scatter([i + (j - (len(vals) - 1) / 2) * 0.05 for j in range(len(vals))], vals, s=14, color=colour, alpha=0.7)
             n = len(vals)
             half = float(stats.t.ppf(0.975, n - 1)) * s["std"] * k / math.sqrt(n) if n > 1 else 0.0
@@ -243,6 +258,12 @@ class Grid:
         self.per_seed_sources = per_seed_sources
         self.root = cfg.run_dir
         self.arms = resolve_arms(cfg)
+        names = [a.name for a in self.arms]
+        for a in self.arms:
+            for b in a.baseline or []:
+                if b not in names or b == a.name:
+                    raise UserError(f"arm '{a.name}': baseline '{b}' is not another arm of the grid"
+                                    f"{suggest(b, names)}; arms: {', '.join(names)}")
 
     def shared_cfg(self, seed: int | None) -> Config:
         cfg = dataclasses.replace(self.cfg, name="shared" if seed is None else f"s{seed}",
@@ -280,6 +301,9 @@ class Grid:
         return out
 
     def write_cell_config(self, cell: Cell) -> None:
+        """Write the cell's config, unless the cell has finished (its file then records what it ran)."""
+        if cell.done and cell.config.is_file():
+            return
         teacher, aux = self.sources(cell.seed)
         cfg = dataclasses.replace(
             self.cfg, name=cell.arm.name, out_dir=str(cell.dir.parent), seed=cell.seed, progress=False,
@@ -300,15 +324,20 @@ class Grid:
         return results
 
 
-ORDERS = ("seeds", "pairs")
+ORDERS = ("seeds", "pairs", "arms")
 
 
 def schedule(cells: list[Cell], arms: list[ArmSpec], order: str = "seeds") -> list[Cell]:
     """The order cells are run in. ``seeds``: seed by seed, every arm of a seed together. ``pairs``: method
     by method, each arm with its InDistill counterpart over every seed, so a grid stopped early has whole
-    paired comparisons (all seeds of the first methods) instead of every method on the first seeds."""
+    paired comparisons (all seeds of the first methods) instead of every method on the first seeds.
+    ``arms``: arm by arm in the config's order, every seed of an arm together (an ablation whose arms
+    are listed by priority, beside baseline cells that have finished)."""
     if order == "seeds":
         return sorted(cells, key=lambda c: c.seed)
+    if order == "arms":
+        rank_of = {a.name: i for i, a in enumerate(arms)}
+        return sorted(cells, key=lambda c: (rank_of[c.arm.name], c.seed))
     if order != "pairs":
         raise UserError(f"grid order {order!r} is not one of {', '.join(ORDERS)}")
     warm_of = pairs_of(arms)
@@ -442,7 +471,8 @@ def add_grid_parser(add) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads per worker (default: cores / workers)")
     p.add_argument("--per-seed-sources", action="store_true", help="train the teacher and auxiliary once per seed")
     p.add_argument("--order", choices=ORDERS, default="seeds",
-                   help="run cells seed by seed (default), or method pair by method pair over all seeds (a grid "
-                        "stopped early then has whole paired comparisons); the numbers do not depend on it")
+                   help="run cells seed by seed (default), method pair by method pair over all seeds (a grid "
+                        "stopped early then has whole paired comparisons), or arm by arm in the config's order; "
+                        "the numbers do not depend on it")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running)")

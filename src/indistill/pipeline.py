@@ -26,7 +26,7 @@ from torch import nn
 
 from . import distributed as ddp
 from .checkpoint import atomic_write_json, export_safetensors, load_weights
-from .config import ArmSpec, Config, ModelSpec, check_run_location, resolve_arms, to_dict
+from .config import ArmSpec, Config, ModelSpec, check_run_location, describe_arm, resolve_arms, to_dict
 from .data import DataSplits, get_dataset
 from .engine import Engine, Stage, TensorBoardLogger, get_logger, select_device
 from .errors import UserError
@@ -166,7 +166,7 @@ class Pipeline:
     def build_warmup(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> InDistillWarmup | None:
         if arm.warmup != "indistill":
             return None
-        return build_warmup(self.cfg.warmup, source, student, self.input_shape)
+        return build_warmup(self.cfg.warmup, source, student, self.input_shape, pruned_bn=arm.pruned_bn)
 
     def arm(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> Stage:
         """Build (not run) one arm's stage."""
@@ -179,10 +179,11 @@ class Pipeline:
         )
         stage = arm_stage(
             arm, student, source, warmup=warmup, method=method.to(self.device), t_want=t_want, s_want=s_want,
-            train=train, kd_boundary=self.cfg.student.kd_boundary, warmup_spec=self.cfg.warmup,
+            train=train, optimizer_reset=arm.optimizer_reset or "phase", warmup_spec=self.cfg.warmup,
             evaluate=self._evaluator(student),
             meta=self.meta(self.cfg.student, "student", arm=arm.name, warmup=arm.warmup, method=arm.method,
-                           warmup_epochs=W),
+                           warmup_epochs=W, reference=arm.reference, optimizer_reset=arm.optimizer_reset,
+                           pruned_bn=arm.pruned_bn),
         )
         stage.warmup = warmup  # type: ignore[attr-defined]  # for prune_<arm>.json and `indistill prune`
         return stage
@@ -190,6 +191,8 @@ class Pipeline:
     def student(self, arm: ArmSpec, source: nn.Module) -> Trained:
         student = self.build_model(self.cfg.student)  # seeded: every arm starts from the same initial student
         stage = self.arm(arm, source, student)
+        self.log.info(f"[{arm.name}] {describe_arm(arm)}; optimizer state cleared at the start of epochs "
+                      f"{[e + 1 for e in stage.reset_optimizer_at] or 'none'}")
         warmup = getattr(stage, "warmup", None)
         if warmup is not None and ddp.is_main():
             atomic_write_json(self.run_dir / f"prune_{arm.name}.json", warmup.prune_record())

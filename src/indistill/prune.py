@@ -49,6 +49,8 @@ from .models.taps import OUTPUT, Taps, parse_spec, resolve_module, tap_shapes
 
 __all__ = [
     "IMPORTANCE_MODES",
+    "PRUNED_BN_MODES",
+    "find_norms",
     "RESIZE_MODES",
     "PrunedTeacher",
     "find_producers",
@@ -60,6 +62,8 @@ __all__ = [
 
 IMPORTANCE_MODES = ("l1", "group")
 RESIZE_MODES = (None, "avgpool", "bilinear")
+#: how a pruned tap's BatchNorm normalises (see :class:`PrunedTeacher`)
+PRUNED_BN_MODES = ("teacher", "authors")
 # Taps passed through unpruned so that a KD stage gets them from the same teacher forward.
 PASSTHROUGH = ("embedding", "logits")
 
@@ -206,6 +210,57 @@ def find_producers(
     return result
 
 
+@torch.no_grad()
+def find_norms(model: nn.Module, producers: Mapping[str, str], input_shape: tuple[int, ...]) -> dict[str, str]:
+    """Module path of the BatchNorm that normalises each producer's output (``{tap: path}``).
+
+    One dry forward (eval mode): the norm is the first ``BatchNorm{1,2,3}d`` that receives the
+    producer's output tensor itself. A producer without one is a one-line error.
+    """
+    name_of = {m: n for n, m in model.named_modules()}
+    wanted = {path: tap for tap, path in producers.items()}
+    outputs: dict[str, torch.Tensor] = {}
+    found: dict[str, str] = {}
+    handles = []
+
+    def conv_hook(m, _i, out):
+        if name_of[m] in wanted:
+            outputs[name_of[m]] = out
+
+    def bn_hook(m, inp, _o):
+        for path, out in outputs.items():
+            if inp and inp[0] is out and wanted[path] not in found:
+                found[wanted[path]] = name_of[m]
+
+    for m in model.modules():
+        if name_of.get(m) in wanted:
+            handles.append(m.register_forward_hook(conv_hook))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles.append(m.register_forward_pre_hook(lambda m, i: bn_hook(m, i, None)))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for tap, path in producers.items():
+        if tap not in found:
+            raise UserError(
+                f"pruned_bn: authors needs a BatchNorm right after the producer '{path}' of teacher tap {tap}, "
+                f"and none reads its output; use pruned_bn: teacher"
+            )
+    return found
+
+
+def _authors_bn_hook(bn: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
+    # The authors' rebuilt BatchNorm: fresh, in training mode (batch statistics), kept gamma, beta = 0.
+    return F.batch_norm(inputs[0], None, None, bn.weight, None, training=True, momentum=0.0, eps=bn.eps)
+
+
 # --------------------------------------------------------------------------- importance
 
 
@@ -286,11 +341,22 @@ class PrunedTeacher(nn.Module):
     teacher's unpruned ``"embedding"`` and ``"logits"`` when the teacher has
     those taps and no pair already produces that name.
 
+    ``bn="teacher"`` (default): a pruned tap is exactly the teacher's eval-mode
+    activation restricted to the kept channels. ``bn="authors"``: as the
+    authors' code builds its pruned network, the BatchNorm after each pruned
+    producer (``norms``) is a fresh one that keeps gamma, sets beta = 0 and
+    normalises with the *batch's* statistics in every mode, so the target is
+    e.g. ``pool(relu(gamma * (z - mean_B(z)) / sqrt(var_B(z) + eps)))`` of the
+    kept channels ``z`` of the producer's output. It is computed one tap at a
+    time (:meth:`target`), each forward altering only that tap's BatchNorm, so
+    deeper layers read the teacher's own activations, as in the authors' code.
+
     Attributes: ``teacher``, ``pairs`` (teacher tap -> student tap),
     ``kept`` (teacher tap -> sorted LongTensor), ``widths`` (teacher tap ->
     (teacher channels, student channels)), ``producers`` (teacher tap ->
     module path or None), ``shapes`` (teacher tap -> (teacher shape, student
-    shape)), ``importance``, ``resize``.
+    shape)), ``importance``, ``resize``, ``bn``, ``norms`` (pruned teacher tap ->
+    BatchNorm path, ``bn="authors"`` only), ``pruned_taps`` (the taps narrowed).
     """
 
     def __init__(
@@ -303,8 +369,12 @@ class PrunedTeacher(nn.Module):
         producers: Mapping[str, str | None],
         importance: str = "l1",
         resize: str | None = None,
+        bn: str = "teacher",
+        norms: Mapping[str, str] | None = None,
     ):
         super().__init__()
+        if bn not in PRUNED_BN_MODES:
+            raise UserError(f"pruned_bn '{bn}' is not one of {', '.join(PRUNED_BN_MODES)}")
         self.teacher = teacher
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -315,7 +385,13 @@ class PrunedTeacher(nn.Module):
         self.producers = dict(producers)
         self.importance = importance
         self.resize = resize
-        self._pruned = {t for t in self.pairs if self.widths[t][0] != self.widths[t][1]}
+        self.pruned_taps = frozenset(t for t in self.pairs if self.widths[t][0] != self.widths[t][1])
+        self.bn = bn
+        self.norms = dict(norms or {}) if bn == "authors" else {}
+        if bn == "authors":
+            missing = [t for t in self.pruned_taps if t not in self.norms]
+            if missing:
+                raise UserError(f"pruned_bn: authors needs the BatchNorm of pruned tap(s) {', '.join(missing)}")
         for t in self.pairs:
             self.register_buffer(_buffer_name(t), torch.as_tensor(kept[t], dtype=torch.long).sort().values.clone())
         extra = {n: teacher_taps[n] for n in PASSTHROUGH if n in teacher_taps and n not in self.pairs.values()}
@@ -334,14 +410,55 @@ class PrunedTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pruned targets (by student tap name) plus unpruned embedding/logits, from one teacher forward."""
+        """Pruned targets (by student tap name) plus unpruned embedding/logits, from one teacher forward
+        (``bn="authors"``: one forward per pruned tap, see the class docstring)."""
         self.teacher.eval()
+        if self.bn == "authors" and self.pruned_taps:
+            keys = list(self.pairs.values()) + [n for n in PASSTHROUGH if n in self.tap_specs]
+            return {k: self.target(x, k) for k in keys}
         with Taps(self.teacher, self.tap_specs) as taps:
             _, feats = taps(x)
         return self.targets_from(feats)
 
+    @torch.no_grad()
+    def target(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """``self(x)[key]``, running the frozen teacher only as far as that one tap.
+
+        ``key`` is a student tap name (or an unpaired ``embedding``/``logits``). A curriculum phase reads
+        one target, so the forward stops where that tap is captured; the tensor is the one
+        :meth:`forward` returns for ``key``, bit for bit (``tests/test_perf_equivalence.py``).
+        """
+        self.teacher.eval()
+        t = next((t for t, s in self.pairs.items() if s == key), None)
+        if t is None:  # an unpaired embedding/logits tap passes through unpruned
+            if key not in self.tap_specs:
+                raise UserError(f"the pruned teacher has no '{key}' tap; name it in the teacher's taps")
+            with Taps(self.teacher, {key: self.tap_specs[key]}) as taps:
+                return taps.capture(x)[key]
+        hook = None
+        if t in self.norms:
+            hook = resolve_module(self.teacher, self.norms[t]).register_forward_hook(_authors_bn_hook)
+        try:
+            with Taps(self.teacher, {t: self.tap_specs[t]}) as taps:
+                f = taps.capture(x)[t]
+        finally:
+            if hook is not None:
+                hook.remove()
+        return self._select(t, f)
+
+    def _select(self, t: str, f: torch.Tensor) -> torch.Tensor:
+        if t in self.pruned_taps:
+            f = f.index_select(1, self.kept[t].to(f.device))
+        return resize_map(f, self.shapes[t][1][1:], self.resize)
+
     def targets_from(self, teacher_feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Apply the channel selection (and resize) to teacher taps already computed, keyed by teacher tap name."""
+        """Apply the channel selection (and resize) to teacher taps already computed, keyed by teacher tap name.
+
+        Not for ``bn="authors"``, whose targets need their own forward (:meth:`target`).
+        """
+        if self.norms:
+            raise UserError("pruned_bn: authors targets cannot be cut from the teacher's own taps; "
+                            "use PrunedTeacher.target(x, tap) or call the pruned teacher")
         missing = [t for t in self.pairs if t not in teacher_feats]
         if missing:
             raise UserError(
@@ -349,12 +466,8 @@ class PrunedTeacher(nn.Module):
                 f"capture them with Taps(teacher, pruned.tap_specs)"
             )
         out: dict[str, torch.Tensor] = {}
-        kept = self.kept
         for t, s in self.pairs.items():
-            f = teacher_feats[t]
-            if t in self._pruned:
-                f = f.index_select(1, kept[t].to(f.device))
-            out[s] = resize_map(f, self.shapes[t][1][1:], self.resize)
+            out[s] = self._select(t, teacher_feats[t])
         for n in PASSTHROUGH:
             if n in teacher_feats and n not in out:
                 out[n] = teacher_feats[n]
@@ -370,6 +483,7 @@ class PrunedTeacher(nn.Module):
                 "student_shape": self.shapes[t][1],
                 "kept": len(self.kept[t]),
                 "producer": self.producers.get(t),
+                "bn": (f"authors ({self.norms[t]})" if t in self.norms else "teacher"),
             }
             for t, s in self.pairs.items()
         ]
@@ -418,6 +532,7 @@ def prune_to_student(
     resize: str | None = None,
     teacher_taps: Mapping[str, str] | None = None,
     student_taps: Mapping[str, str] | None = None,
+    bn: str = "teacher",
 ) -> PrunedTeacher:
     """Choose, for each teacher tap in ``pairs``, the teacher channels matching the student tap's width.
 
@@ -437,6 +552,8 @@ def prune_to_student(
             cannot enlarge) or ``"bilinear"`` (bilinear interpolation,
             ``align_corners=False``, to the student size, either way). Only
             pairs whose sizes differ are resized; see :func:`resize_map`.
+        bn: ``"teacher"`` (the teacher's own BatchNorm, exact restriction) or
+            ``"authors"`` (the authors' rebuilt BatchNorm; see :class:`PrunedTeacher`).
 
     Returns:
         A :class:`PrunedTeacher`; the teacher itself is frozen in place
@@ -450,6 +567,8 @@ def prune_to_student(
         raise UserError(f"unknown importance '{importance}'; choose one of: {', '.join(IMPORTANCE_MODES)}")
     if resize not in RESIZE_MODES:
         raise UserError(f"unknown resize '{resize}'; choose 'avgpool', 'bilinear' or leave it unset (null)")
+    if bn not in PRUNED_BN_MODES:
+        raise UserError(f"pruned_bn '{bn}' is not one of {', '.join(PRUNED_BN_MODES)}")
     t_specs = _specs_of(teacher, teacher_taps, "teacher")
     s_specs = _specs_of(student, student_taps, "student")
     pairs = _normalise_pairs(pairs, t_specs, s_specs)
@@ -502,4 +621,6 @@ def prune_to_student(
     for t in pairs:
         k = shapes[t][1][0]
         kept[t] = rankings[t][:k].sort().values if t in rankings else torch.arange(k)
-    return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize)
+    norms = find_norms(teacher, {t: found[t] for t in to_prune}, input_shape) if bn == "authors" else None
+    return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize,
+                         bn=bn, norms=norms)

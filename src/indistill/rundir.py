@@ -37,6 +37,17 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _as_current(old: dict[str, Any]) -> dict[str, Any]:
+    """An older run's config read through today's schema (renamed keys upgraded, keys added since then
+    at their defaults, nested ones included); as written if it no longer parses."""
+    from .config import from_dict, upgrade_legacy
+
+    try:
+        return to_dict(from_dict(Config, upgrade_legacy(old)))
+    except (UserError, TypeError, ValueError):
+        return old
+
+
 class RunDir:
     """``out_dir/name`` of one config."""
 
@@ -78,6 +89,7 @@ class RunDir:
         if not isinstance(old, dict):
             raise UserError(f"{path} is unreadable; delete that run directory or use another name=...")
         new = to_dict(cfg)
+        old = _as_current(old)
         defaults = to_dict(Config())  # a key added after the run was made compares as its default
         diff = [k for k in new if k not in LOCATION_KEYS and old.get(k, defaults.get(k)) != new[k]]
         if diff:

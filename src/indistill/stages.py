@@ -134,11 +134,35 @@ def check_budget(arm: ArmSpec, warmup: InDistillWarmup | None, train: TrainSpec)
         )
 
 
+OPTIMIZER_RESETS = ("none", "boundary", "phase", "epoch")
+
+
+def reset_epochs(mode: str, warmup: InDistillWarmup | None, epochs: int) -> tuple[int, ...]:
+    """The 0-based epochs at whose start an arm's optimizer state is cleared (``student.optimizer_reset``).
+
+    ``none``: never; ``boundary``: where the warmup hands over to the KD method; ``phase``: wherever the
+    loss changes (every later curriculum phase, and the boundary); ``epoch``: every epoch, as the
+    authors' code creates a new Adam each epoch. Epoch 0 starts fresh in every mode.
+    """
+    if mode not in OPTIMIZER_RESETS:
+        raise UserError(f"optimizer_reset '{mode}' is not one of {', '.join(OPTIMIZER_RESETS)}")
+    W = warmup.epochs if warmup is not None else 0
+    if mode == "epoch":
+        return tuple(range(1, epochs))
+    out: set[int] = set()
+    if mode in ("boundary", "phase") and W:
+        out.add(W)
+    if mode == "phase" and warmup is not None:
+        out.update(p.start for p in warmup.schedule if p.start > 0)
+    return tuple(sorted(e for e in out if 0 < e < epochs))
+
+
 def arm_stage(arm: ArmSpec, student: nn.Module, source: nn.Module, *, warmup: InDistillWarmup | None,
               method: Method, t_want: dict[str, str], s_want: dict[str, str], train: TrainSpec,
-              kd_boundary: str = "keep", warmup_spec: WarmupSpec | None = None, evaluate=None,
+              optimizer_reset: str = "phase", warmup_spec: WarmupSpec | None = None, evaluate=None,
               meta=None) -> HookedStage:
-    """One student arm as ONE stage: epochs ``[0, W)`` run the warmup, ``[W, E)`` the KD method."""
+    """One student arm as ONE stage: epochs ``[0, W)`` run the warmup, ``[W, E)`` the KD method; the
+    optimizer's state is cleared at :func:`reset_epochs` (the learning-rate schedule never is)."""
     check_budget(arm, warmup, train)
     W = warmup.epochs if warmup is not None else 0
     s_specs = model_taps(student)
@@ -165,6 +189,6 @@ def arm_stage(arm: ArmSpec, student: nn.Module, source: nn.Module, *, warmup: In
     frozen = [source] + ([warmup.pruned] if warmup is not None else [])
     return HookedStage(
         arm.name, student, loss_fn, train, extra=method, frozen=frozen, phase=phase, evaluate=evaluate,
-        eval_epochs=(lambda e: e >= W or eval_warm), reset_optimizer_at=(W,) if (W and kd_boundary == "reset") else (),
+        eval_epochs=(lambda e: e >= W or eval_warm), reset_optimizer_at=reset_epochs(optimizer_reset, warmup, train.epochs),
         meta=dict(meta or {}), hooks=tuple(h for h in (s_taps, t_taps) if h is not None),
     )

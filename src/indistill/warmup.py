@@ -23,7 +23,7 @@ from .errors import UserError
 from .methods import pkt_loss
 from .models import Taps, model_taps
 from .pairing import pair_stage_taps, stage_taps
-from .prune import PrunedTeacher, prune_to_student, resize_map
+from .prune import PrunedTeacher, prune_to_student
 
 
 class InDistillWarmup(nn.Module):
@@ -72,28 +72,9 @@ class InDistillWarmup(nn.Module):
         variant = "original" if phase.loss == "pkt_original" else "reference"
         return {f"pkt/{phase.tap}": pkt_loss(s, target, variant=variant)}
 
-    @torch.no_grad()
     def target(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """``self.pruned(x)[key]``, running the frozen source only as far as that one tap.
-
-        A phase reads one target, so the source's forward stops where that tap is captured (a stage1
-        phase runs only the source's first block). The selection is ``PrunedTeacher.targets_from``'s
-        (the kept channels, then the optional resize), applied to that one tap; the result is the
-        same tensor, bit for bit (``tests/test_perf_equivalence.py``).
-        """
-        pruned = self.pruned
-        pruned.teacher.eval()
-        t = next((t for t, s in pruned.pairs.items() if s == key), None)
-        if t is None:  # an unpaired embedding/logits tap passes through unpruned
-            if key not in pruned.tap_specs:
-                raise UserError(f"the warmup's source has no '{key}' tap; name it in its taps")
-            with Taps(pruned.teacher, {key: pruned.tap_specs[key]}) as taps:
-                return taps.capture(x)[key]
-        with Taps(pruned.teacher, {t: pruned.tap_specs[t]}) as taps:
-            f = taps.capture(x)[t]
-        if t in pruned._pruned:
-            f = f.index_select(1, pruned.kept[t].to(f.device))
-        return resize_map(f, pruned.shapes[t][1][1:], pruned.resize)  # the same selection as targets_from
+        """The pruned source's target for ``key`` (:meth:`PrunedTeacher.target`)."""
+        return self.pruned.target(x, key)
 
 
 def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str]) -> Schedule:
@@ -108,8 +89,15 @@ def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str])
     )
 
 
-def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_shape: tuple[int, ...]) -> InDistillWarmup:
-    """Pair the taps, build the schedule and prune ``source`` (teacher or auxiliary) to the student's widths."""
+def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
+                 pruned_bn: str | None = None) -> InDistillWarmup:
+    """Pair the taps, build the schedule and prune ``source`` (teacher or auxiliary) to the student's widths.
+
+    ``pruned_bn`` (an arm's resolved choice) wins over ``spec.pruned_bn`` and ``spec.reference``'s default.
+    """
+    from .config import REFERENCES
+
+    bn = pruned_bn or spec.pruned_bn or REFERENCES[spec.reference]["pruned_bn"]
     if "embedding" not in model_taps(source) and spec.embedding_epochs:
         raise UserError("the warmup's embedding phase needs an 'embedding' tap on the teacher; name it in its taps")
     pairs = pair_stage_taps(source, student, spec.pairs)
@@ -117,6 +105,6 @@ def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_
     used = {p.tap for p in schedule}
     pruned = prune_to_student(
         source, student, {t: s for t, s in pairs.items() if s in used}, importance=spec.importance,
-        producers=spec.producers or None, input_shape=input_shape, resize=spec.resize,
+        producers=spec.producers or None, input_shape=input_shape, resize=spec.resize, bn=bn,
     )
     return InDistillWarmup(pruned, schedule)
