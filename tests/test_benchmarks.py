@@ -135,3 +135,38 @@ def test_machine_info_names_numpys_blas_kernels():
     assert info["blas"] and all(b["library"] and b["threads"] >= 1 for b in info["blas"])
     line = _machine_line({"machine": info, "load_before": [0.1], "load_after": [0.2], "date": "d"})
     assert f"{info['blas'][0]['library']} {info['blas'][0]['version']}" in line
+
+
+@pytest.mark.parametrize("stage", ["supervised", "kd:pkt"])
+def test_engine_overhead_case_times_engine_and_bare_loop(stage):
+    from benchmarks import engine_overhead
+
+    r = engine_overhead.case_fn({"kind": "overhead", "stage": stage, "batch_size": 16, "batches": 2, "rounds": 2,
+                                 "warm_rounds": 1, "threads": 1})
+    assert r["stage"] == stage and r["rounds"] == 2 and r["batches_per_round"] == 2
+    for key in ("engine_ms_per_step", "engine_inner_ms_per_step", "bare_ms_per_step", "ratio"):
+        assert r[key]["n"] == 2 and r[key]["median"] > 0, key
+    assert len(r["rounds_s"]["engine"]) == len(r["rounds_s"]["bare"]) == 2
+    # same weights, batches and optimizer: the two loops took the very same steps
+    assert r["max_param_diff_engine_vs_bare"] < 1e-5
+    assert r["optimizer"] and r["summary"].startswith("engine ")
+
+
+def test_engine_overhead_label_names_the_result_file_and_readme_section(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import __main__ as runner, common, engine_overhead
+
+    case = {"kind": "overhead", "stage": "supervised", "batch_size": 16, "batches": 1, "rounds": 2, "warm_rounds": 0,
+            "threads": 1}
+    monkeypatch.setattr(engine_overhead, "run", lambda quick: {"cases": [{**engine_overhead.case_fn(case), "case": case}],
+                                                               "goal_ratio_max": engine_overhead.GOAL})
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(runner, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(runner, "README", tmp_path / "README.md")
+    assert runner.main(["--only", "engine_overhead", "--label", "before", "--note", "beside a grid"]) == 0
+    payload = json.loads((tmp_path / "engine_overhead_before.json").read_text())
+    assert payload["label"] == "before" and payload["note"] == "beside a grid" and payload["load_before"] is not None
+    readme = (tmp_path / "README.md").read_text()
+    assert "## engine_overhead_before" in readme and "_Note: beside a grid_" in readme
+    assert "| supervised (ce) |" in readme and "could not render" not in readme

@@ -131,7 +131,7 @@ def test_prune_and_listing_commands(tmp_path, capsys):
     [
         (["run", "configs/demo_digits.yaml", "kd.metod=dkd"], ["metod", "method"]),
         (["prune", "teacher.name=cnn32_small", "student.name=cnn32"], ["narrower", "stage1", "(16, 15, 15)"]),
-        (["run", "teacher.taps={stage1: block9}"], ["block9", "block1"]),
+        (["run", "--defaults", "teacher.taps={stage1: block9}"], ["block9", "block1"]),
         (["train", "data.name=cifar10", "data.root=/nonexistent"], ["cifar", "download"]),
         (["train", "model.name=resnet21"], ["resnet21", "resnet20"]),
         (["run", "configs/demo_digits.yaml", "kd.method=dkdd"], ["dkdd", "dkd"]),

@@ -328,7 +328,7 @@ def test_imagenet_config_loads():
     from indistill.config import load_config, resolve_arms
 
     cfg = load_config(IMAGENET_CONFIG, ["data.root=/nowhere"])
-    assert (cfg.teacher.name, cfg.student.name, cfg.data.name, cfg.precision) == ("resnet34", "resnet18", "imagenet", "bf16")
+    assert (cfg.teacher.name, cfg.student.name, cfg.data.name, cfg.precision) == ("resnet34", "resnet18", "imagenet", "auto")
     assert cfg.channels_last and not cfg.teacher.reset_head and cfg.teacher.checkpoint
     assert [(a.name, a.warmup, a.method) for a in resolve_arms(cfg)] == [
         ("kd", "none", "kd"), ("indistill_kd", "indistill", "kd")]

@@ -63,13 +63,18 @@ def test_grid_pairs_arms_and_its_statistics_match_a_direct_computation(tmp_path,
     assert {k: v["retrieval/cosine/standard/map"] for k, v in _cells(seq).items()} == \
         {k: v["retrieval/cosine/standard/map"] for k, v in cells.items()}
 
-    # --report-only on an unfinished grid: trains nothing, reports the finished cells and says so
-    wall = json.loads((root / "grid.json").read_text())["wall_time_s"]
+    # --report-only never replaces the report of a finished grid with a less complete one
+    md = (root / "grid.md").read_text()
     (root / "cells" / "s1" / "kd" / "results.json").unlink()
+    assert main(["grid", *ARGS, "--report-only", f"out_dir={tmp_path / 'par'}"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err and (root / "grid.md").read_text() == md
+    # --report-only on an unfinished grid (still running: no grid.json yet): trains nothing, reports the
+    # finished cells and says so
+    (root / "grid.json").unlink()
     assert main(["grid", *ARGS, "--report-only", f"out_dir={tmp_path / 'par'}"]) == 0
     assert not (root / "cells" / "s1" / "kd" / "results.json").exists()
     out = json.loads((root / "grid.json").read_text())
-    assert (out["cells_finished"], out["cells_total"], out["wall_time_s"]) == (3, 4, wall)
+    assert (out["cells_finished"], out["cells_total"], out["wall_time_s"]) == (3, 4, None)
     assert out["summary"]["paired"]["indistill_kd"]["seeds"] == [0]
     assert "**Unfinished: 3 of 4 cells.**" in (root / "grid.md").read_text()
     assert main(["grid", *ARGS, "--report-only", f"out_dir={tmp_path / 'empty'}"]) == 2
@@ -116,3 +121,100 @@ def test_schedule_orders_cells_by_seed_or_by_method_pair(tmp_path):
         "s0/crd", "s0/indistill_crd", "s1/crd", "s1/indistill_crd"]
     with pytest.raises(UserError, match="not one of"):
         schedule(cells, arms, "random")
+
+
+TWO_ARMS = "arms=[{name: kd, warmup: none, method: kd}, {name: indistill_kd, warmup: indistill, method: kd}]"
+
+
+def _finished_grid(tmp_path, seeds=(0, 1)):
+    """A finished grid of demo_digits with the arms of an ``arms=`` override, made without training: cell
+    configs written by the grid itself, results.json files with made-up numbers (the warmup arm wins by 0.5)."""
+    from indistill.config import load_config
+    from indistill.grid import Grid
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")  # never read: every cell has finished
+    overrides = [f"out_dir={tmp_path / 'out'}", f"teacher.checkpoint={teacher}", TWO_ARMS]
+    grid = Grid(load_config("configs/demo_digits.yaml", overrides), list(seeds))
+    (grid.root / "shared").mkdir(parents=True)
+    (grid.root / "shared" / "results.json").write_text("{}")  # the shared sources count as trained
+    for c in grid.cells():
+        grid.write_cell_config(c)
+        c.dir.mkdir(parents=True)
+        top1 = 90.0 + c.seed + (0.5 if c.arm.warmup == "indistill" else 0.0)
+        res = {c.arm.name: {"top1": top1, "retrieval/cosine/standard/map": top1 / 100}}
+        (c.dir / "results.json").write_text(json.dumps({"models": res}))
+    return grid.root, overrides
+
+
+def test_a_grid_remembers_its_overrides_and_its_report_never_goes_backwards(tmp_path, capsys):
+    root, overrides = _finished_grid(tmp_path)
+    cfg = "configs/demo_digits.yaml"
+    where = f"out_dir={tmp_path / 'out'}"
+    # every cell has finished, so this trains nothing; the directory records how the grid was run
+    assert main(["grid", cfg, "--seeds", "2", "--workers", "1", *overrides]) == 0
+    rec = json.loads((root / "grid_command.json").read_text())
+    assert (rec["config"], rec["seeds"], rec["order"], rec["overrides"]) == (cfg, 2, "seeds", overrides)
+    md = (root / "grid.md").read_text()
+    command = json.loads((root / "grid.json").read_text())["command"]
+    assert TWO_ARMS in command and "**Unfinished" not in md
+    # one notation for wins: seeds won of seeds paired
+    assert "| indistill_kd - kd | +0.50 [+0.50, +0.50] 2/2 won |" in md
+
+    # --report-only with neither the arms nor --seeds: the recorded ones are reused, the report is the same
+    capsys.readouterr()
+    assert main(["grid", cfg, "--report-only", where]) == 0
+    assert (root / "grid.md").read_text() == md
+    assert json.loads((root / "grid.json").read_text())["command"] == command
+
+    # a less complete report (fewer seeds) is refused in one line; the finished report stays as it was
+    assert main(["grid", cfg, "--seeds", "1", "--report-only", where]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to replace" in err and "reports 4 finished cells, with a report of 2" in err
+    assert len(err.strip().splitlines()) == 1 and (root / "grid.md").read_text() == md
+    assert main(["grid", cfg, "--seeds", "1", *overrides]) == 2  # nor does a smaller grid run into it
+    assert "refusing to run a grid of 2 cells" in capsys.readouterr().err
+
+    # a grid reported before grid_command.json existed: the config its grid.json recorded gives the arms
+    (root / "grid_command.json").unlink()
+    assert main(["grid", cfg, "--seeds", "2", "--report-only", where]) == 0
+    assert (root / "grid.md").read_text() == md
+
+    # nothing recorded at all: the finished cells are found under the arm names they ran with
+    # (the config's own arms, student_ce, ..., have none)
+    (root / "grid.json").unlink()
+    assert main(["grid", cfg, "--seeds", "2", "--report-only", where]) == 0
+    out = json.loads((root / "grid.json").read_text())
+    assert (out["cells_finished"], out["cells_total"]) == (4, 4)
+    assert list(out["summary"]["arms"]) == ["kd", "indistill_kd"] and list(out["summary"]["paired"]) == ["indistill_kd"]
+
+
+def test_grid_plots_put_each_warmup_arm_beside_its_base_and_show_the_paired_difference(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from indistill import report
+    from indistill.grid import plot_grid
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi=110: figures.append(fig))
+    arms = [ArmSpec("kd", "none", "kd", {}), ArmSpec("dkd", "none", "dkd", {}),
+            ArmSpec("indistill_kd", "indistill", "kd", {}), ArmSpec("indistill_dkd", "indistill", "dkd", {})]
+    results = {s: {"kd": {"top1": 80.0 + s}, "dkd": {"top1": 70.0 + s}, "indistill_kd": {"top1": 81.0 + 2 * s},
+                   "indistill_dkd": {"top1": 69.0 + s}} for s in (0, 1, 2)}
+    summary = summarise(results, arms)
+    plot_grid(summary, results, tmp_path)
+    (fig,) = figures
+    per_arm, diff = fig.axes
+    assert [t.get_text() for t in per_arm.get_xticklabels()] == ["kd", "indistill_kd", "dkd", "indistill_dkd"]
+    assert [t.get_text() for t in diff.get_xticklabels()] == ["indistill_kd - kd", "indistill_dkd - dkd"]
+    # per seed: the paired differences (1, 2, 3) and (-1, -1, -1); a zero line
+    points = [sorted(float(y) for y in c.get_offsets()[:, 1]) for c in diff.collections if len(c.get_offsets()) == 3]
+    assert points == [[1.0, 2.0, 3.0], [-1.0, -1.0, -1.0]]
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in diff.get_lines())
+    # the mean and its 95% CI: the errorbar of the first comparison spans mean -/+ t(0.975, 2) * sd / sqrt(3)
+    p = summary["paired"]["indistill_kd"]["metrics"]["top1"]
+    means = [line for line in diff.get_lines() if line.get_marker() == "D"]
+    assert float(means[0].get_ydata()[0]) == pytest.approx(2.0)
+    caps = sorted(float(y) for line in diff.get_lines() if line.get_marker() == "_" for y in line.get_ydata())
+    assert caps[-1] == pytest.approx(p["ci_high"]) and p["ci_low"] == pytest.approx(2.0 - stats.t.ppf(0.975, 2) / math.sqrt(3))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from indistill.errors import UserError
-from indistill.models import Taps, create_model, list_models, model_aliases, model_taps, resolve_module, tap_shapes
+from indistill.models import Taps, create_model, list_models, model_aliases, model_name, model_taps, resolve_module, tap_shapes
 
 TORCHVISION = {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
 
@@ -205,7 +205,7 @@ def test_half_width_resnet20():
     assert _params("resnet20", 10, widths=(8, 16, 32)) == _count_cifar_resnet(20, 8, (8, 16, 32), 10)
 
 
-# The authors' Cnn32 / Cnn32_Small (METHOD.md): one hidden layer. Their counts for 10 classes.
+# The authors' Cnn32 / Cnn32_Small (docs/spec.md): one hidden layer. Their counts for 10 classes.
 @pytest.mark.parametrize(
     "name,in_ch,expected",
     [("cnn32", 3, 57_994), ("cnn32", 1, 57_706), ("cnn32_small", 3, 15_050), ("cnn32_small", 1, 14_906)],
@@ -350,7 +350,7 @@ def test_cnn_block_order_conv_bn_relu_pool():
 def test_aliases_build_the_same_model(alias: str, name: str):
     assert model_aliases()[alias] == name and alias not in list_models()
     a, b = create_model(alias, num_classes=7), create_model(name, num_classes=7)
-    assert type(a) is type(b) and model_taps(a) == model_taps(b) and a.indistill_name == name
+    assert type(a) is type(b) and model_taps(a) == model_taps(b) and model_name(a) == name
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 

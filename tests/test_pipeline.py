@@ -28,7 +28,7 @@ def _same_exports(a, b):
 
 
 def test_killed_inside_a_warmup_phase_resumes_exactly(tmp_path, monkeypatch, capsys):
-    assert main(["run", *ARGS, f"out_dir={tmp_path / 'full'}"]) == 0
+    assert main(["run", "--defaults", *ARGS, f"out_dir={tmp_path / 'full'}"]) == 0
 
     real_epoch = Engine.run_epoch
     state = {"fired": False}
@@ -41,11 +41,11 @@ def test_killed_inside_a_warmup_phase_resumes_exactly(tmp_path, monkeypatch, cap
         return real_epoch(self, stage, epoch, st, split)
 
     monkeypatch.setattr(Engine, "run_epoch", dying_epoch)
-    assert main(["run", *ARGS, f"out_dir={tmp_path / 'cut'}"]) == 130
+    assert main(["run", "--defaults", *ARGS, f"out_dir={tmp_path / 'cut'}"]) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err
     run = tmp_path / "cut" / "r"
     assert [r["phase"] for r in _rows(run) if r["stage"] == "student"] == ["warmup:stage1:mse", "warmup:stage2:mse"]
-    assert main(["run", *ARGS, f"out_dir={tmp_path / 'cut'}"]) == 0
+    assert main(["run", "--defaults", *ARGS, f"out_dir={tmp_path / 'cut'}"]) == 0
     assert [r["phase"] for r in _rows(run) if r["stage"] == "student"] == [
         "warmup:stage1:mse", "warmup:stage2:mse", "warmup:stage2:mse", "warmup:stage3:mse", "warmup:stage3:mse",
         "warmup:embedding:pkt", "kd:kd"]
@@ -55,7 +55,7 @@ def test_killed_inside_a_warmup_phase_resumes_exactly(tmp_path, monkeypatch, cap
 def test_arms_with_and_without_warmup_share_one_budget_and_schedule(tmp_path):
     """Both arms: the same number of student epochs under the same per-epoch learning rate."""
     arms = "arms=[{name: kd, warmup: none, method: kd}, {name: indistill_kd, warmup: indistill, method: kd}]"
-    assert main(["run", *BASE, "warmup.a=0", "student.train.epochs=8", "student.train.optimizer.lr=0.002",
+    assert main(["run", "--defaults", *BASE, "warmup.a=0", "student.train.epochs=8", "student.train.optimizer.lr=0.002",
                  "student.train.scheduler={name: multistep, milestones: [6], gamma: 0.1}", arms,
                  f"out_dir={tmp_path}"]) == 0
     rows = _rows(tmp_path / "r")
@@ -79,7 +79,7 @@ def test_arms_with_and_without_warmup_share_one_budget_and_schedule(tmp_path):
 
 
 def test_warmup_longer_than_the_budget_is_an_error(tmp_path, capsys):
-    assert main(["run", *BASE, "warmup.a=2", "student.train.epochs=10", f"out_dir={tmp_path}"]) == 2
+    assert main(["run", "--defaults", *BASE, "warmup.a=2", "student.train.epochs=10", f"out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "warmup takes 12 epochs" in err and "student.train.epochs=10" in err
     assert not (tmp_path / "r" / "config.yaml").exists()  # a failed start claims nothing
@@ -88,7 +88,7 @@ def test_warmup_longer_than_the_budget_is_an_error(tmp_path, capsys):
 def test_logit_kd_needs_no_stage_taps(tmp_path, capsys):
     """`Method.uses` drives the taps: plain KD pairs only the logits, so a student without stage taps works."""
     taps = "{embedding: '4:in', logits: '@output'}"
-    code = main(["run", *BASE, "student.name=tests.user_models:make_net", f"student.taps={taps}",
+    code = main(["run", "--defaults", *BASE, "student.name=tests.user_models:make_net", f"student.taps={taps}",
                  "student.kwargs={width: 4}", "warmup=none", "kd.method=kd", "student.train.epochs=1",
                  f"out_dir={tmp_path}"])
     assert code == 0, capsys.readouterr().err
@@ -98,12 +98,14 @@ def test_prune_command_shows_the_channels_the_run_used(tmp_path, capsys):
     args = [*BASE, "warmup.a=0", "student.train.epochs=6", f"out_dir={tmp_path}"]
     assert main(["prune", *args]) == 0
     assert "UNTRAINED teacher" in capsys.readouterr().out
-    assert main(["run", *args]) == 0
+    assert main(["run", "--defaults", *args]) == 0
     capsys.readouterr()
     assert main(["prune", *args]) == 0
     out = capsys.readouterr().out
     assert "pruning the trained teacher" in out
-    shown = json.loads((tmp_path / "r" / "prune.json").read_text())["kept"]
+    assert not (tmp_path / "r" / "prune.json").exists()  # nothing is written into a finished run unasked
+    assert main(["prune", *args, f"--out={tmp_path / 'prune.json'}"]) == 0
+    shown = json.loads((tmp_path / "prune.json").read_text())["kept"]
     used = json.loads((tmp_path / "r" / "prune_student.json").read_text())["kept"]
     assert shown == used and {k: len(v) for k, v in used.items()} == {"stage1": 8, "stage2": 16, "stage3": 32}
 
@@ -117,7 +119,7 @@ def test_kill_at_every_stage_boundary_resumes_bit_identical(tmp_path, monkeypatc
     """FitNet's regressor, VID's heads and CRD's embeddings and memory are drawn from (seed, stage), so a
     run killed after any stage (or at an arm's warmup -> KD boundary) re-runs to the same weights."""
     args = [*BASE, "warmup.phase_epochs=[1, 1, 1]", "student.train.epochs=5", BOUNDARY_ARMS]
-    assert main(["run", *args, f"out_dir={tmp_path / 'full'}"]) == 0
+    assert main(["run", "--defaults", *args, f"out_dir={tmp_path / 'full'}"]) == 0
     stage, _, epoch = kill.partition("@")
     if epoch:  # after the warmup's last epoch is checkpointed, before the first KD epoch
         real = Engine.end_epoch
@@ -139,9 +141,9 @@ def test_kill_at_every_stage_boundary_resumes_bit_identical(tmp_path, monkeypatc
             return out
 
         monkeypatch.setattr(Engine, "finish", dying)
-    assert main(["run", *args, f"out_dir={tmp_path / 'cut'}"]) == 130
+    assert main(["run", "--defaults", *args, f"out_dir={tmp_path / 'cut'}"]) == 130
     monkeypatch.undo()
-    assert main(["run", *args, f"out_dir={tmp_path / 'cut'}"]) == 0
+    assert main(["run", "--defaults", *args, f"out_dir={tmp_path / 'cut'}"]) == 0
     _same_exports(tmp_path / "full" / "r", tmp_path / "cut" / "r")
     for name in ("fitnet", "vid", "crd"):
         a = torch.load(tmp_path / "full" / "r" / "checkpoints" / f"{name}.pt", weights_only=True)["extra"]
@@ -150,3 +152,77 @@ def test_kill_at_every_stage_boundary_resumes_bit_identical(tmp_path, monkeypatc
     full = json.loads((tmp_path / "full" / "r" / "results.json").read_text())["models"]
     cut = json.loads((tmp_path / "cut" / "r" / "results.json").read_text())["models"]
     assert {k: v["top1"] for k, v in full.items()} == {k: v["top1"] for k, v in cut.items()}
+
+
+def test_a_rerun_that_trains_nothing_leaves_the_results_as_they_were(tmp_path):
+    args = ["run", "--defaults", *BASE, "warmup=none", "kd.method=kd", "student.train.epochs=1", f"out_dir={tmp_path}"]
+    assert main(args) == 0
+    run = tmp_path / "r"
+    before = {f: (run / f).read_bytes() for f in ("results.json", "results.md")}
+    assert json.loads(before["results.json"])["wall_time_s"] > 0
+    assert main(args) == 0  # every stage had finished: nothing trained, nothing rewritten ("Wall time: 0.0 min")
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_write_report_keeps_the_wall_time_of_the_invocation_that_trained(tmp_path):
+    from indistill.report import write_report
+
+    models = {"m": {"top1": 90.0, "role": "student", "model": "cnn32_small", "params": 14906}}
+    write_report(tmp_path, models, command="indistill run a.yaml", wall_time_s=600.0)
+    first = (tmp_path / "results.json").read_bytes()
+    write_report(tmp_path, models, command="indistill run a.yaml", wall_time_s=0.4, trained=False)
+    assert (tmp_path / "results.json").read_bytes() == first
+    # results that changed without training (other evaluation settings): written, with training's wall time
+    write_report(tmp_path, {"m": {**models["m"], "top1": 91.0}}, command="indistill run a.yaml", wall_time_s=0.4,
+                 trained=False)
+    assert json.loads((tmp_path / "results.json").read_text())["wall_time_s"] == 600.0
+    assert "Wall time: 10.0 min (of the invocation that trained" in (tmp_path / "results.md").read_text()
+
+
+def _capture_figures(monkeypatch) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from indistill import report
+
+    figures: list = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi=110: figures.append(fig))
+    return figures
+
+
+def test_training_plot_keeps_phase_labels_off_the_title_and_shows_top1_in_the_legend(tmp_path, monkeypatch):
+    from indistill.report import plot_training
+
+    figures = _capture_figures(monkeypatch)
+    rows = [{"stage": "arm", "epoch": e, "phase": "warmup:stage1:mse" if e <= 2 else "kd:kd",
+             **({"loss/mse/stage1": 1.0 / e} if e <= 2 else {"loss/kd": 2.0 / e}),
+             **({"test_top1": 50.0 + e} if e % 2 == 0 else {})} for e in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plot_training(tmp_path / "metrics.jsonl", tmp_path)
+    (fig,) = figures
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["kd", "mse/stage1", "test top-1 (right axis)", "phase: stage1:mse", "phase: kd"]
+    assert not any(ax.texts for ax in fig.axes)  # no label drawn over the plot or its title
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the closed figure's own canvas no longer renders
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    title, box = ax.title.get_window_extent(renderer), legend.get_window_extent(renderer)
+    assert not title.overlaps(box) and not ax.get_window_extent(renderer).overlaps(box)
+
+
+def test_pr_curves_zoom_to_their_range(tmp_path, monkeypatch):
+    from indistill.report import plot_pr_curves
+
+    figures = _capture_figures(monkeypatch)
+    curve = {"recall": [0.0, 0.5, 1.0], "precision": [0.99, 0.95, 0.85]}
+    models = {"m": {"retrieval/cosine/standard/map": 0.9, "retrieval/euclidean/standard/map": 0.9,
+                    "pr_curves": {"cosine/standard": curve, "euclidean/standard": curve}}}
+    assert plot_pr_curves(models, tmp_path / "pr.png") is not None
+    (fig,) = figures
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        assert 0.8 < low < 0.85 and 0.99 < high < 1.0

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from indistill.errors import UserError
-from indistill.models import Taps, create_model
+from indistill.models import Taps, create_model, model_taps
 from indistill.prune import (
     PrunedTeacher,
     find_producers,
@@ -45,7 +45,7 @@ def _randomise(model: nn.Module, seed: int) -> nn.Module:
 
 
 def _teacher_taps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    with torch.no_grad(), Taps(model, model.indistill_taps) as taps:
+    with torch.no_grad(), Taps(model, model_taps(model)) as taps:
         return taps(x)[1]
 
 
@@ -311,9 +311,9 @@ def test_producer_follows_execution_order_and_overrides():
         find_producers(_Net(), specs, (3, 4, 4), overrides={"stage9": "body.late"})
 
     cnn = create_model("cnn32", 10, 3)
-    assert find_producers(cnn, cnn.indistill_taps, SHAPE)["embedding"] == "fc1"
+    assert find_producers(cnn, model_taps(cnn), SHAPE)["embedding"] == "fc1"
     res = create_model("resnet20", 10, 3)
-    assert find_producers(res, res.indistill_taps, SHAPE)["embedding"] == "layer3.2.conv2"
+    assert find_producers(res, model_taps(res), SHAPE)["embedding"] == "layer3.2.conv2"
 
 
 def test_producer_override_and_explicit_specs_for_user_models():

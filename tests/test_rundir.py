@@ -19,32 +19,32 @@ def test_a_run_directory_in_use_is_refused(tmp_path, capsys):
     held = RunDir(tmp_path / "r")
     held.lock()
     try:
-        assert main(["run", *TINY, f"out_dir={tmp_path}"]) == 2
+        assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is in use by pid" in err[0]
     finally:
         held.unlock()
-    assert main(["run", *TINY, f"out_dir={tmp_path}"]) == 0
+    assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path}"]) == 0
 
 
 def test_a_moved_run_directory_resumes_without_retraining(tmp_path):
-    assert main(["run", *TINY, f"out_dir={tmp_path / 'a'}"]) == 0
+    assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path / 'a'}"]) == 0
     shutil.move(str(tmp_path / "a" / "r"), str(tmp_path / "b"))
     (tmp_path / "b").rename(tmp_path / "r")  # out_dir tmp_path, name r: somewhere else entirely
     rows = (tmp_path / "r" / "metrics.jsonl").read_text()
-    assert main(["run", *TINY, f"out_dir={tmp_path}"]) == 0
+    assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path}"]) == 0
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == rows
 
 
 def test_the_evaluation_cache_is_keyed_by_the_checkpoint(tmp_path):
-    assert main(["run", *TINY, f"out_dir={tmp_path}"]) == 0
+    assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path}"]) == 0
     run = tmp_path / "r"
     first = json.loads((run / "results.json").read_text())["models"]["student"]
     # another checkpoint under the same name: the cached result must not be reused for it
     ck = torch.load(run / "checkpoints" / "student.pt", weights_only=True)
     ck["model"] = {k: (torch.zeros_like(v) if v.is_floating_point() else v) for k, v in ck["model"].items()}
     torch.save(ck, run / "checkpoints" / "student.pt")
-    assert main(["run", *TINY, f"out_dir={tmp_path}"]) == 0
+    assert main(["run", "--defaults", *TINY, f"out_dir={tmp_path}"]) == 0
     second = json.loads((run / "results.json").read_text())["models"]["student"]
     key = "retrieval/cosine/standard/map"
     assert second[key] != first[key]

@@ -34,7 +34,7 @@ def test_python_api_example_from_readme():
 def test_user_models_through_the_pipeline(tmp_path, capsys):
     taps = "{stage1: '0', stage2: '1', embedding: '4:in', logits: '@output'}"
     code = main([
-        "run", "data.name=digits", "data.train_subset=300", "data.test_subset=100", f"out_dir={tmp_path}",
+        "run", "--defaults", "data.name=digits", "data.train_subset=300", "data.test_subset=100", f"out_dir={tmp_path}",
         "name=u", "progress=false", "teacher.name=tests.user_models:make_net", "teacher.kwargs={width: 8}",
         f"teacher.taps={taps}", "student.name=tests.user_models:make_net", "student.kwargs={width: 4}",
         f"student.taps={taps}", "teacher.train.epochs=1", "warmup.a=0", "warmup.embedding_epochs=1",

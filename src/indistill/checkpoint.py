@@ -31,6 +31,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is as readable as every other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -139,7 +140,10 @@ def classifier_path(model: nn.Module) -> str | None:
     fall back to their last ``nn.Linear``. ``None`` when there is none.
     """
     modules = dict(model.named_modules())
-    spec = (getattr(model, "indistill_taps", None) or {}).get("embedding", "")
+    from .models.registry import model_record
+
+    rec = model_record(model)
+    spec = (rec.taps if rec is not None else {}).get("embedding", "")
     if spec.endswith(":in") and isinstance(modules.get(spec[: -len(":in")]), nn.Linear):
         return spec[: -len(":in")]
     linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]

@@ -16,10 +16,18 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _exists(path: str) -> bool:
+    """``Path(path).exists()``, False where the OS cannot even look it up (``name=<300 chars>`` is too long a file name)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _config(path: str | None, overrides: list[str]):
     from .config import load_config
 
-    if path is not None and "=" in path and not Path(path).exists():
+    if path is not None and "=" in path and not _exists(path):
         overrides = [path, *overrides]  # `indistill train model.name=x` without a config file
         path = None
     return load_config(path, overrides)
@@ -40,8 +48,15 @@ def cmd_run(args) -> int:
     from . import distributed as ddp
     from .pipeline import Pipeline
 
+    # A bare `indistill run` used to train the built-in defaults for minutes into runs/run/: ask for that.
+    has_config = args.config is not None and not ("=" in args.config and not _exists(args.config))
+    if not has_config and not args.defaults:
+        raise UserError("no config given; usage: indistill run CONFIG [key=value ...] (e.g. configs/demo_digits.yaml), "
+                        "or indistill run --defaults [key=value ...] to run the built-in defaults")
+    if has_config and args.defaults:
+        raise UserError(f"--defaults runs the built-in defaults, without a config; drop --defaults to run {args.config}")
     cfg = _config(args.config, args.overrides)
-    results = Pipeline(cfg).run(command=_command("run", args))
+    results = Pipeline(cfg).run(command=_command("run --defaults" if args.defaults else "run", args))
     if not ddp.is_main():
         return 0 if results else 1
     print((cfg.run_dir / "results.md").read_text())
@@ -81,12 +96,13 @@ def cmd_train(args) -> int:
     tap_shapes(model, model_taps(model), p.input_shape)
     p.claim()
     try:
+        fresh = not p.engine.checkpoint_path("model").is_file()  # a finished model is loaded, not trained
         p.engine.fit(supervised_stage("model", model, cfg.train, evaluate=p._evaluator(model),
                                       meta=p.meta(cfg.model, "model")))
         ckpt = p.engine.checkpoint_path("model")
         results = p.evaluate([Trained("model", model, "model", ckpt)])
         ddp.on_main(lambda: write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
-                                         data_source=getattr(p.data, "source", None)))
+                                         data_source=getattr(p.data, "source", None), trained=fresh))
     finally:
         p.release()
     if not ddp.is_main():
@@ -115,12 +131,21 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_model
     from .models import model_taps
     from .pipeline import build_model, count_params, load_data
-    from .report import write_report
+    from .report import protocols_in, results_table, write_report
 
-    cfg = _config(args.config, args.overrides)
-    explicit_model = args.config is not None or any(o.startswith("model.") for o in args.overrides)
-    explicit_data = args.config is not None or any(o.startswith("data.name=") for o in args.overrides)
-    for ckpt in _evaluation_targets(Path(args.target)):
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not _exists(config):
+        # `evaluate CKPT data.test_subset=50`: an override, not the optional CONFIG (which would then build
+        # the default model and refuse the checkpoint)
+        config, overrides = None, [config, *overrides]
+    cfg = _config(config, overrides)
+    explicit_model = config is not None or any(o.startswith("model.") for o in overrides)
+    explicit_data = config is not None or any(o.startswith("data.name=") for o in overrides)
+    command = " ".join(["indistill", "evaluate", args.target, *([config] if config else []), *overrides])
+    target = Path(args.target)
+    results: dict[str, dict] = {}
+    written: list[Path] = []
+    for ckpt in _evaluation_targets(target):
         meta = {}
         if ckpt.suffix != ".safetensors":
             obj = safe_load(ckpt)
@@ -147,10 +172,22 @@ def cmd_evaluate(args) -> int:
         run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         out = run / "eval" / ckpt.name.split(".")[0]
         out.mkdir(parents=True, exist_ok=True)
-        write_report(out, {ckpt.name.split(".")[0]: res}, cfg=cfg, command="indistill evaluate " + " ".join(sys.argv[2:]),
+        write_report(out, {ckpt.name.split(".")[0]: res}, cfg=cfg, command=command,
                      data_source=getattr(data, "source", None))
-        print((out / "results.md").read_text())
-        print(f"written: {out}")
+        results[ckpt.name.split(".")[0]] = res
+        written.append(out)
+    if not target.is_dir():
+        print((written[0] / "results.md").read_text())
+        print(f"written: {written[0]}")
+        return 0
+    # A run directory: one table of all its checkpoints, not one report per checkpoint
+    print(f"# Evaluation: {target} ({len(results)} checkpoints)\n\nCommand: `{command}`\n")
+    for protocol in protocols_in(results) or ["standard"]:
+        label = "standard metrics" if protocol == "standard" else "the authors' evaluation protocol"
+        print(f"## Retrieval: {label}\n\n{results_table(results, protocol)}\n")
+    print("Top-1 on the test split; retrieval: database = training split, queries = test split; in percent.\n")
+    print(f"written: {target / 'eval'}/<checkpoint>/ (results.json, results.md, plots/) for "
+          f"{', '.join(p.name for p in written)}")
     return 0
 
 
@@ -182,7 +219,8 @@ def cmd_prune(args) -> int:
     for tap, kept in w.pruned.kept.items():
         print(f"kept[{tap}] = {kept.tolist()}")
     print(f"schedule: {w.schedule.describe()} ({w.epochs} of student.train.epochs={cfg.student.train.epochs})")
-    out = Path(args.out) if args.out else (cfg.run_dir / "prune.json" if cfg.run_dir.is_dir() else None)
+    # Only where asked: a finished run directory holds what its run wrote (prune_<arm>.json), nothing more.
+    out = Path(args.out) if args.out else None
     if out is not None:
         atomic_write_json(out, {"source": role, "trained": ckpt.is_file(), **w.prune_record()})
         print(f"written: {out}")
@@ -192,16 +230,23 @@ def cmd_prune(args) -> int:
 def cmd_validate(args) -> int:
     """Build everything and push one batch through every stage; no training, nothing written."""
     from .config import describe_arm, resolve_arms
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, schedule_warnings
 
     cfg = _config(args.config, args.overrides)
     p = Pipeline(cfg)
-    p.validate(one_batch=True)
+    p.validate(one_batch=True)  # loads every checkpoint the config names: a missing/corrupt/unfitting one is an error
     src = "auxiliary" if cfg.auxiliary.enabled else "teacher"
     for arm in resolve_arms(cfg):
         print(f"arm {arm.name}: warmup={arm.warmup} method={arm.method} params={arm.params or {}} "
               f"({cfg.student.train.epochs} student epochs, source {src}); {describe_arm(arm)}")
-    print(f"ok: {args.config or 'config'} is valid ({p.data.name}: {len(p.data.train)} train / {len(p.data.test)} test)")
+    notes = schedule_warnings(cfg)
+    if cfg.student.checkpoint:
+        notes.append(f"student.checkpoint {cfg.student.checkpoint} loads, but `indistill run` does not use it: "
+                     f"every arm starts from a freshly initialised student (seed {cfg.seed})")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    name = args.config if args.config and _exists(args.config) else "config"
+    print(f"ok: {name} is valid ({p.data.name}: {len(p.data.train)} train / {len(p.data.test)} test)")
     return 0
 
 
@@ -262,14 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, text: str, fn, config: bool = True):
-        p = sub.add_parser(name, help=text, description=text)
+        # argparse %-formats a subcommand's `help` (for `indistill --help`), not its description:
+        # a literal % ("95% CIs") must be doubled there or the top-level help crashes.
+        p = sub.add_parser(name, help=text.replace("%", "%%"), description=text)
         if config:
             p.add_argument("config", nargs="?", help="YAML config (see configs/)")
             p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kd.method=dkd")
         p.set_defaults(fn=fn)
         return p
 
-    add("run", "the pipeline: teacher -> auxiliary -> student arms (warmup + KD) -> evaluate", cmd_run)
+    p = add("run", "the pipeline: teacher -> auxiliary -> student arms (warmup + KD) -> evaluate", cmd_run)
+    p.add_argument("--defaults", action="store_true",
+                   help="run the built-in defaults (`indistill schema`) when no CONFIG is given")
     p = sub.add_parser("demo", help="offline demo on the embedded digits data (a few minutes on 2 cores)",
                        description="offline demo on the embedded digits data (a few minutes on 2 cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -284,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
     p = add("prune", "print the source channels the warmup distils from (the trained source when the run has one)",
             cmd_prune)
-    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--out", help="also write the table as JSON to this path (nothing is written without it)")
     add("validate", "build everything and push one batch through every stage (no training, nothing written)",
         cmd_validate)
     add("methods", "list the KD methods and their parameters", cmd_methods, config=False)

@@ -17,27 +17,29 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import UserError, suggest
+from .errors import UserError, brief, clip, suggest
 
 
 @dataclass
 class OptimizerSpec:
     """The optimizer of one stage (one per student arm)."""
 
-    name: str = "adam"  # adam | adamw | sgd
+    name: str = "adam"  # adam, adamw, sgd, or any torch.optim class by name (rmsprop, nadam, ...)
     lr: float = 1e-3  # learning rate (> 0)
     weight_decay: float = 0.0  # L2 penalty (>= 0)
     momentum: float = 0.9  # SGD only
     nesterov: bool = False  # SGD only
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the optimizer (betas, eps, ...)
 
 
 @dataclass
 class SchedulerSpec:
     """The learning-rate schedule, stepped once per epoch over the stage's epochs (an arm's whole budget)."""
 
-    name: str = "none"  # none | multistep | cosine
+    name: str = "none"  # none, multistep, cosine, or any torch.optim.lr_scheduler class by name (exponential, ...)
     milestones: list[int] = field(default_factory=list)  # multistep: epochs after which lr *= gamma
     gamma: float = 0.1  # multistep: the factor
+    kwargs: dict[str, Any] = field(default_factory=dict)  # a torch scheduler's keyword arguments (gamma, step_size, ...)
 
 
 @dataclass
@@ -48,7 +50,7 @@ class TrainSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # see below
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)  # see below
     eval_every: int = 1  # test top-1 every N epochs (0: never)
-    precision: str | None = None  # this stage's autocast (fp32 | bf16 | fp16); default: the run's `precision`
+    precision: str | None = None  # this stage's autocast (auto | fp32 | bf16 | fp16); default: the run's `precision`
 
 
 @dataclass
@@ -63,6 +65,7 @@ class DataSpec:
     train_subset: int | None = None  # a seeded, class-stratified subset of the training split
     test_subset: int | None = None  # the same for the test split
     num_workers: int = 2  # only for datasets read from files per batch (ImageFolder)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the dataset's own options (e.g. digits: {image_size: 16})
 
 
 @dataclass
@@ -119,7 +122,7 @@ class StudentSpec(ModelSpec):
 
 @dataclass
 class WarmupSpec:
-    """The InDistill curriculum every arm with ``warmup: indistill`` runs first (see METHOD.md).
+    """The InDistill curriculum every arm with ``warmup: indistill`` runs first (see docs/spec.md).
 
     Phase k (1-based) distils student tap ``taps[k-1]`` for ``a + k`` epochs
     (or ``phase_epochs[k-1]``) with ``tap_loss``; then, if ``embedding_epochs``
@@ -133,13 +136,14 @@ class WarmupSpec:
     a: int = 2  # phase k lasts a + k epochs
     phase_epochs: list[int] | None = None  # explicit epochs per tap phase (instead of a + k)
     embedding_epochs: int = 0  # 0: the KD method itself follows the tap phases (the reference)
-    tap_loss: str = "mse"  # the loss of the tap phases
-    embedding_loss: str = "pkt"  # pkt | pkt_original
+    schedule: str = "default"  # a registered curriculum (warmup.WARMUP_SCHEDULES): default = the paper's a + k
+    tap_loss: str = "mse"  # the loss of the tap phases (a registered warmup loss: mse, or a plug-in's)
+    embedding_loss: str = "pkt"  # pkt | pkt_original (or a plug-in's warmup loss)
     importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
     resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; see prune.resize_map)
     evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
-    # What the method description leaves open, as described (METHOD.md's choices) or as the authors' code does:
+    # What the method description leaves open, as described (docs/spec.md, "Open choices") or as the authors' code does:
     reference: str = "described"  # described | authors: the defaults of optimizer_reset and pruned_bn (docs/method.md)
     pruned_bn: str | None = None  # teacher | authors (batch statistics, gamma kept, beta 0); null: reference's choice
 
@@ -185,6 +189,7 @@ class EvalSpec:
     metrics: list[str] = field(default_factory=lambda: ["cosine", "euclidean"])  # retrieval similarities
     protocols: list[str] = field(default_factory=lambda: ["standard", "reference"])  # standard and/or the authors'
     ks: list[int] = field(default_factory=lambda: [1, 10, 100])  # precision@k
+    extra_metrics: list[str] = field(default_factory=list)  # more retrieval metrics by name: mrr, r_precision, a plug-in's
     sources: bool = True  # also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)
 
 
@@ -204,7 +209,7 @@ class Config:
     out_dir: str = "runs"  # the run directory is out_dir/name
     seed: int = 0  # model init, data order and augmentation; a grid's first seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    precision: str = "auto"  # autocast: auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = False  # NHWC memory format (faster convs with AMP on GPUs)
     progress: bool = True  # progress bars on a terminal
     data: DataSpec = field(default_factory=DataSpec)  # the dataset
@@ -225,6 +230,9 @@ class Config:
     # Stop a stage whose epoch loss exceeds this factor of its phase's first epoch (an exploded but finite
     # loss), keeping the last good checkpoint, as a non-finite loss does. 0 disables the check.
     loss_guard: float = 1e4  # stop a stage whose epoch loss exceeds this x its phase's first (0: off)
+    # Modules imported before anything is built, so the methods, models, datasets, optimizers and warmup
+    # losses they register can be named in this config (`plugins: [mypackage.kd]`).
+    plugins: list[str] = field(default_factory=list)  # modules to import first (a user's registrations)
 
     @property
     def run_dir(self) -> Path:
@@ -232,19 +240,15 @@ class Config:
 
 
 _CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("Config", "precision"): ("fp32", "bf16", "fp16"),
+    ("Config", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("StudentSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
     ("WarmupSpec", "reference"): ("described", "authors"),
     ("WarmupSpec", "pruned_bn"): (None, "teacher", "authors"),
     ("ArmSpec", "reference"): (None, "described", "authors"),
     ("ArmSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
     ("ArmSpec", "pruned_bn"): (None, "teacher", "authors"),
-    ("OptimizerSpec", "name"): ("adam", "adamw", "sgd"),
-    ("TrainSpec", "precision"): (None, "fp32", "bf16", "fp16"),
-    ("SchedulerSpec", "name"): ("none", "multistep", "cosine"),
+    ("TrainSpec", "precision"): (None, "auto", "fp32", "bf16", "fp16"),
     ("WarmupSpec", "mode"): ("indistill", "none"),
-    ("WarmupSpec", "tap_loss"): ("mse",),
-    ("WarmupSpec", "embedding_loss"): ("pkt", "pkt_original"),
     ("WarmupSpec", "importance"): ("l1", "group"),
     ("WarmupSpec", "resize"): (None, "avgpool", "bilinear"),
     ("AuxiliarySpec", "pkt_variant"): ("reference", "original"),
@@ -308,9 +312,23 @@ _RANGES: dict[tuple[str, str], _Range] = {
 # Keys that become file or directory names (the run directory, per-arm checkpoints and exports).
 _PLAIN_NAMES: set[tuple[str, str]] = {("Config", "name"), ("ArmSpec", "name")}
 
+# A path component holds at most 255 bytes (NAME_MAX of ext4, xfs, btrfs, tmpfs, ...). The longest file name a
+# plain name becomes is the temp file of an arm's export, `.<name>.safetensors.<8 random chars>.tmp` (mkstemp in
+# checkpoint._atomic_write_bytes): 26 bytes more than the name. One limit for run and arm names.
+NAME_MAX_BYTES = 255 - len("..safetensors.XXXXXXXX.tmp")
+
 
 def _check_plain_name(value: str, where: str) -> None:
-    """A single path component: no separators, no '..', no leading '.', not empty."""
+    """A single path component: no separators, no '..', no leading '.', not empty, at most ``NAME_MAX_BYTES`` bytes."""
+    try:
+        size = len(os.fsencode(value))  # bytes on disk (surrogateescape: a non-UTF-8 argv round-trips)
+    except UnicodeEncodeError:  # a lone surrogate from a YAML escape: no file can have this name
+        raise UserError(f"{where}: {brief(value)} is not a valid file name (an unpaired surrogate); use another name") from None
+    if size > NAME_MAX_BYTES:
+        raise UserError(
+            f"{where}: {brief(value)} is {size} bytes long; a name becomes file names and may have at most "
+            f"{NAME_MAX_BYTES} bytes (the filesystem's 255 less the checkpoint writer's temp-file suffix); use a shorter name"
+        )
     bad = (
         not value.strip()
         or "/" in value
@@ -321,7 +339,7 @@ def _check_plain_name(value: str, where: str) -> None:
     )
     if bad:
         raise UserError(
-            f"{where}: {value!r} is not a plain name (it becomes a directory/file name); "
+            f"{where}: {brief(value)} is not a plain name (it becomes a directory/file name); "
             "use letters, digits, '-', '_' and inner '.', without '/', '\\' or '..'"
         )
 
@@ -339,7 +357,7 @@ def _check_value(cls: type, key: str, value: Any, where: str) -> None:
             continue  # the type check has already reported non-numbers
         if not rng.admits(v):
             at = f"{where}[{i}]" if isinstance(value, list) else where
-            raise UserError(f"{at}: {v!r} is out of range; valid: {rng}")
+            raise UserError(f"{at}: {brief(v)} is out of range; valid: {rng}")
 
 
 def check_run_location(cfg: Config) -> None:
@@ -351,28 +369,72 @@ def check_run_location(cfg: Config) -> None:
     """
     out_dir = Path(cfg.out_dir).expanduser()
     run_dir = out_dir / cfg.name
+    try:
+        _probe_run_location(out_dir, run_dir)
+    except OSError as e:  # a path too long for the system (ENAMETOOLONG), a loop of links, an unreadable parent
+        raise UserError(f"cannot use run directory '{clip(str(run_dir))}': {e.strerror or e}; "
+                        f"set out_dir=... and name=... to a shorter, accessible path") from None
+
+
+def _probe_run_location(out_dir: Path, run_dir: Path) -> None:
+    """:func:`check_run_location`'s checks; the file system's own errors propagate as ``OSError``."""
     for what, p in (("out_dir", out_dir), ("run directory", run_dir)):
+        if p.is_symlink() and not p.exists():  # mkdir would fail on the link with FileExistsError
+            raise UserError(f"{what} '{clip(str(p))}' is a symlink to '{clip(os.readlink(p))}', which does not exist; "
+                            f"create its target or remove the link")
         if p.exists() and not p.is_dir():
-            raise UserError(f"{what} '{p}' exists and is not a directory; set out_dir=... to a directory (or remove that file)")
+            raise UserError(f"{what} '{clip(str(p))}' exists and is not a directory; set out_dir=... to a directory (or remove that file)")
     parent = run_dir
     while not parent.exists():
         if parent.parent == parent:
             break
+        if parent.is_symlink():  # a dangling link above the run directory
+            raise UserError(f"cannot create run directory '{clip(str(run_dir))}': '{clip(str(parent))}' is a symlink to "
+                            f"'{clip(os.readlink(parent))}', which does not exist; create its target or remove the link")
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"cannot create run directory '{run_dir}': '{parent}' is a file; set out_dir=... to a directory")
+        raise UserError(f"cannot create run directory '{clip(str(run_dir))}': '{clip(str(parent))}' is a file; set out_dir=... to a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create run directory '{run_dir}': '{parent}' is not writable; set out_dir=... to a writable directory")
+        raise UserError(f"cannot create run directory '{clip(str(run_dir))}': '{clip(str(parent))}' is not writable; set out_dir=... to a writable directory")
+
+
+def _check_registered(kind: str):
+    """A check that a name resolves in the registry of ``kind`` (imported when first used: no cycle)."""
+
+    def check(value: Any, where: str) -> None:
+        from . import evaluate, optim, warmup
+
+        registry = {"optimizer": optim.OPTIMIZERS, "scheduler": optim.SCHEDULERS, "loss": warmup.WARMUP_LOSSES,
+                    "schedule": warmup.WARMUP_SCHEDULES, "rank_metric": evaluate.RANK_METRICS}[kind]
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            optim.check_name(registry, v, f"{where}[{i}]" if isinstance(value, list) else where)
+
+    return check
+
+
+# Keys whose valid values live in a registry (plug-ins add to them), checked when a config is read.
+_REGISTERED: dict[tuple[str, str], Any] = {
+    ("OptimizerSpec", "name"): _check_registered("optimizer"),
+    ("SchedulerSpec", "name"): _check_registered("scheduler"),
+    ("WarmupSpec", "tap_loss"): _check_registered("loss"),
+    ("WarmupSpec", "embedding_loss"): _check_registered("loss"),
+    ("WarmupSpec", "schedule"): _check_registered("schedule"),
+    ("EvalSpec", "extra_metrics"): _check_registered("rank_metric"),
+}
 
 
 def _check_choice(cls: type, key: str, value: Any, where: str) -> None:
+    check = _REGISTERED.get((cls.__name__, key))
+    if check is not None and value is not None:
+        check(value, where)
+        return
     choices = _CHOICES.get((cls.__name__, key))
     if choices is None:
         return
     for v in value if isinstance(value, list) else [value]:
         if v not in choices:
             shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise UserError(f"{where}: '{v}' is not one of {shown}")
+            raise UserError(f"{where}: {brief(str(v))} is not one of {shown}")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -390,14 +452,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(a, value, where)
             except UserError as e:
                 errors.append(str(e))
-        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise UserError(errors[0] if errors else f"{where}: bad value {brief(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if value is None:
             return tp()
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping of keys, got {value!r}")
+            raise UserError(f"{where}: expected a mapping of keys, got {brief(value)}")
         return from_dict(tp, value, where)
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
@@ -406,18 +468,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
+            raise UserError(f"{where}: expected a mapping, got {brief(value)}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{where}: expected true or false, got {value!r}")
+        raise UserError(f"{where}: expected true or false, got {brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise UserError(f"{where}: expected an integer, got {value!r}")
+        raise UserError(f"{where}: expected an integer, got {brief(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -426,11 +488,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return float(value)  # YAML reads "1e-3" as a string
             except ValueError:
                 pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
+        raise UserError(f"{where}: expected a number, got {brief(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{where}: expected a string, got {value!r}")
+        raise UserError(f"{where}: expected a string, got {brief(value)}")
     return value
 
 
@@ -442,7 +504,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise UserError(f"{where}: unknown key '{key}'{suggest(str(key), fields)}; valid keys: {', '.join(sorted(fields))}")
+            raise UserError(f"{where}: unknown key {brief(str(key))}{suggest(str(key)[:200], fields)}; valid keys: {', '.join(sorted(fields))}")
         sub = f"{where}.{key}"
         factory = specs[key].default_factory
         if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
@@ -470,15 +532,74 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"duplicate key {brief(key, 60)} at line {line}")
+        self.key, self.line = key, line
+
+
+# libyaml's parser where PyYAML was built with it: 40x faster on a 10 MB value; the constructor is the same safe one.
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys (merge keys ``<<`` may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+#: values a loaded YAML document may expand to; aliases make a 432-byte document reach 9**9 (a "billion laughs")
+MAX_YAML_VALUES = 100_000
+
+
+def _check_expansion(tree: Any, where: str) -> None:
+    """Refuse a document whose aliases expand to more than ``MAX_YAML_VALUES`` values, counting without
+    expanding: every later step (merging, ``to_dict``, dumping) would copy the whole expansion."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            count += len(node)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            count += len(node)
+            stack.extend(node)
+        if count > MAX_YAML_VALUES:
+            raise UserError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (through aliases); "
+                            f"write the config out without nested aliases")
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely: no code, no duplicate keys, a bounded expansion; errors name ``where``."""
+    try:
+        tree = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except DuplicateKeyError as e:
+        raise UserError(f"{where}: duplicate key {brief(e.key, 60)} at line {e.line}; keep only one of them") from None
+    _check_expansion(tree, where)
+    return tree
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["kd.method=dkd", "warmup=none"]`` -> nested dict; values parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise UserError(f"override '{item}' is not KEY=VALUE (e.g. kd.method=dkd)")
+            raise UserError(f"override {brief(item)} is not KEY=VALUE (e.g. kd.method=dkd)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = load_yaml(raw, f"override {brief(key, 60)}") if raw else None
         except yaml.YAMLError:
             value = raw
         _set_path(tree, key.strip(), value)
@@ -534,10 +655,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     where = "config"
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{p}' not found; pass a YAML file (see configs/)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            found = p.is_file()
+        except OSError as e:  # e.g. a name longer than the filesystem allows
+            raise UserError(f"config file {brief(str(p), 200)} cannot be read ({e.strerror}); pass a YAML file (see configs/)") from None
+        if not found:
+            raise UserError(f"config file {brief(str(p), 200)} not found; pass a YAML file (see configs/)")
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            f"save the config as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"config file '{p}' cannot be read ({e.strerror}); check its permissions") from None
+        try:
+            tree = load_yaml(text, str(p)) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
@@ -550,7 +682,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         extra = _normalise(parse_overrides(overrides))
         _check_shadowed(tree, extra)
         tree = _merge(tree, extra)
+    _import_plugins(tree, where)
     return from_dict(Config, tree, where)
+
+
+def _import_plugins(tree: dict[str, Any], where: str) -> None:
+    """Import ``plugins`` before the rest of the config is checked: its names may be theirs."""
+    plugins = tree.get("plugins")
+    if plugins is None:
+        return
+    if isinstance(plugins, str):
+        plugins = [plugins]
+    if not isinstance(plugins, list):
+        raise UserError(f"{where}.plugins: expected a list of module names, got {brief(repr(plugins), 80)}")
+    from .registry import import_plugins
+
+    import_plugins(plugins)
 
 
 def _check_shadowed(tree: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -584,18 +731,27 @@ def _check_shadowed(tree: dict[str, Any], extra: dict[str, Any]) -> None:
             )
 
 
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | None = None, where: str = "config") -> Config:
+    """A config from a plain dict (the resolved config a report recorded) plus ``key=value`` overrides."""
+    tree = _normalise(dict(tree))
+    if overrides:
+        tree = _merge(tree, _normalise(parse_overrides(overrides)))
+    _import_plugins(tree, where)
+    return from_dict(Config, tree, where)
+
+
 def resolve_arms(cfg: Config) -> list[ArmSpec]:
     """The arms with every field filled from the top-level defaults (one arm named ``student`` if none)."""
     arms = list(cfg.arms) or [ArmSpec(name="student")]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
-        raise UserError(f"arms need distinct names, got {names}")
+        raise UserError(f"arms need distinct names, got {brief(names, 200)}")
     out = []
     for a in arms:
         method = a.method or cfg.kd.method
         params = a.params if a.params is not None else cfg.kd.params.get(method, {})
         if not isinstance(params, dict):
-            raise UserError(f"kd.params.{method} must be a mapping of parameters, got {params!r}")
+            raise UserError(f"kd.params.{method} must be a mapping of parameters, got {brief(params)}")
         reference = a.reference or cfg.warmup.reference
         out.append(ArmSpec(
             name=a.name, warmup=a.warmup or cfg.warmup.mode, method=method, params=dict(params),

@@ -65,7 +65,7 @@ def default_schedule(
     embedding_loss: str | None = "pkt",
     embedding_epochs: int | None = None,
 ) -> Schedule:
-    """METHOD.md's default: ``taps[k-1]`` with ``tap_loss`` for ``a + k`` epochs, then the embedding
+    """The default of docs/spec.md: ``taps[k-1]`` with ``tap_loss`` for ``a + k`` epochs, then the embedding
     with ``embedding_loss`` for ``embedding_epochs`` epochs, or (given ``total_epochs`` instead) for
     ``total_epochs - sum(...)`` epochs; no embedding phase if that is 0 or the loss is None."""
     if phase_epochs is not None:

@@ -123,6 +123,7 @@ from torch import nn
 from .data.base import DataSplits, Split
 from .errors import UserError
 from .models.taps import OUTPUT, Taps
+from .registry import Registry
 
 METRICS = ("cosine", "euclidean")
 PROTOCOLS = ("standard", "reference")
@@ -576,6 +577,17 @@ def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int])
     }
 
 
+#: Extra retrieval metrics, one function each: ``fn(ranks) -> (C,) float64`` per-query values, averaged over
+#: the queries. ``ranks`` (C, R) holds, for C queries of one class, the 1-based ranks of their R relevant
+#: database items in ascending order (``ranks[:, 0]`` is where the first relevant item came). Protocol
+#: independent; named in ``evaluate.extra_metrics``; a plug-in adds one with ``RANK_METRICS.add(name, fn)``.
+RANK_METRICS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry(
+    "retrieval metric", group="indistill.retrieval_metrics")
+RANK_METRICS.add("mrr", lambda ranks: 1.0 / ranks[:, 0].double())  # mean reciprocal rank of the first hit
+RANK_METRICS.add("r_precision", lambda ranks: _count_at(  # precision within the top R, R = relevant items
+    ranks, torch.tensor([ranks.shape[1]], device=ranks.device))[:, 0].double() / ranks.shape[1])
+
+
 def _all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``: one min/max pass (NaN propagates through both), ~3x cheaper than isfinite().all()."""
     if not x.is_floating_point():
@@ -703,8 +715,10 @@ def retrieval_metrics_multi(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     exact: bool = False,
+    extra: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
-    """:func:`retrieval_metrics` for several protocols at once, keyed by protocol.
+    """:func:`retrieval_metrics` for several protocols at once, keyed by protocol; ``extra`` names
+    :data:`RANK_METRICS` to compute as well (the same value under every protocol).
 
     Long on purpose: one ranking per metric serves every protocol, so the protocols' arithmetic lives beside it.
 
@@ -744,6 +758,8 @@ def retrieval_metrics_multi(
             "pk": torch.empty(Q, len(ks), dtype=torch.float64),
         }
 
+    extra_fns = {name: RANK_METRICS.get(name) for name in extra}
+    extra_vals = {name: torch.empty(Q, dtype=torch.float64) for name in extra_fns}
     res = {p: empty() for p in protocols}
     batch_rows_all = torch.clamp(Q - (torch.arange(Q) // REFERENCE_BATCH) * REFERENCE_BATCH, max=REFERENCE_BATCH)
     # CPU fast path: whole chunks side by side (_run_chunks). Splitting one chunk's rows over the threads
@@ -771,6 +787,8 @@ def retrieval_metrics_multi(
         else:
             ranks = rank(q_all[idx.to(dev)], a, b, rows)
         std = _standard(ranks, ks, ap_only="standard" not in protocols)
+        for name, fn in extra_fns.items():
+            extra_vals[name][idx] = fn(ranks).double().cpu()
         for protocol in protocols:
             part = std if protocol == "standard" else _reference(ranks, batch_rows_all[idx].to(dev), ks)
             r = res[protocol]  # chunks write disjoint query rows
@@ -791,6 +809,7 @@ def retrieval_metrics_multi(
         out: dict[str, Any] = {"map": r["ap"].mean().item(), "map11": r["ap11"].mean().item()}
         for j, k in enumerate(ks):
             out[f"p@{k}"] = r["pk"][:, j].mean().item()
+        out.update({name: v.mean().item() for name, v in extra_vals.items()})
         out["pr_curve"] = {"recall": recall_levels, "precision": r["pr"].mean(0).tolist()}
         out.update(num_queries=Q, metric=metric, protocol=protocol)
         results[protocol] = out
@@ -862,6 +881,7 @@ def evaluate_model(
     metrics: Sequence[str] = ("cosine", "euclidean"),
     protocols: Sequence[str] = ("standard", "reference"),
     ks: Sequence[int] = (1, 10, 100),
+    extra_metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Top-1 (and top-5) on the test split and retrieval (db = train_eval, queries = test).
 
@@ -879,7 +899,7 @@ def evaluate_model(
     for metric in metrics:
         both = retrieval_metrics_multi(
             db["embedding"], db["labels"], test["embedding"], test["labels"],
-            metric=metric, ks=ks, protocols=tuple(protocols), device=device,
+            metric=metric, ks=ks, protocols=tuple(protocols), device=device, extra=tuple(extra_metrics),
         )
         for protocol, r in both.items():
             prefix = f"retrieval/{metric}/{protocol}"
@@ -887,6 +907,8 @@ def evaluate_model(
             out[f"{prefix}/map11"] = r["map11"]
             for k in ks:
                 out[f"{prefix}/p@{k}"] = r[f"p@{k}"]
+            for name in extra_metrics:
+                out[f"{prefix}/{name}"] = r[name]
             pr[f"{metric}/{protocol}"] = r["pr_curve"]
     out["pr_curves"] = pr
     return out

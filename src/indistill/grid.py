@@ -7,6 +7,7 @@ Layout of ``out_dir/name`` (every piece resumable on its own)::
     cells/s<seed>/<arm>.yaml the cell's config (written by the grid, read by its worker)
     grid.json, grid.md       per arm and metric: mean, std, min, max over seeds; for every "InDistill + M"
     plots/grid_<metric>.png  arm the paired difference to its "M" arm (mean, 95% t CI, seeds won)
+    grid_command.json        how the grid was run (config, seeds, order, overrides): what --report-only reuses
 
 Within a seed every arm starts from the same initial student and sees the same data order
 (both are functions of the cell's seed), so the difference between "M" and "InDistill + M" of one
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,8 +31,9 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import ArmSpec, Config, dump_config, load_config, resolve_arms, to_dict
+from .config import ArmSpec, Config, config_from_tree, dump_config, load_config, resolve_arms, to_dict
 from .errors import UserError, suggest
+from .rundir import RunDir
 
 #: the metrics a grid summarises (key in a model's results -> label)
 HEADLINE = {
@@ -136,6 +139,11 @@ def _scale(metric: str) -> float:
     return 1.0 if metric == "top1" else 100.0  # top-1 is already in percent, retrieval metrics are fractions
 
 
+def win_label(stats_: dict[str, Any]) -> str:
+    """Seeds won of seeds paired, the one notation for wins in reports and the README: ``"2/3 won"``."""
+    return f"{stats_['wins']}/{stats_['n']} won"
+
+
 def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: float | None, machine: str,
                   finished: tuple[int, int] | None = None) -> str:
     seeds = summary["seeds"]
@@ -157,7 +165,8 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
         md.append(f"| {arm} | " + " | ".join(cells) + " |")
     if summary["paired"]:
         md += ["", "## InDistill + M minus M, paired by seed (percentage points)", "",
-               "Mean difference, 95% t confidence interval, and seeds won / lost.", "",
+               "Mean difference, 95% t confidence interval, and seeds won of the seeds paired "
+               "(\"2/3 won\": the InDistill arm scored higher than its base on 2 of 3 seeds).", "",
                "| arms | " + " | ".join(HEADLINE[m] for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
         for warm, p in summary["paired"].items():
             cells = []
@@ -165,7 +174,7 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
                 s = p["metrics"].get(m)
                 k = _scale(m)
                 cells.append("-" if s is None else f"{s['mean'] * k:+.2f} [{s['ci_low'] * k:+.2f}, {s['ci_high'] * k:+.2f}] "
-                             f"{s['wins']}/{s['losses']}")
+                             f"{win_label(s)}")
             md.append(f"| {p.get('arm', warm)} - {p['baseline']} | " + " | ".join(cells) + " |")
         md += ["", f"Detectable difference: the smallest true paired difference these seeds would detect with "
                f"{POWER:.0%} power (two-sided 5%), given the paired sd measured here (percentage points).", "",
@@ -182,8 +191,15 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
     return "\n".join(md)
 
 
+def _jitter(x: float, n: int) -> list[float]:
+    """``n`` x positions spread around ``x``, so the seeds of one arm do not hide each other."""
+    return [x + (j - (n - 1) / 2) * 0.05 for j in range(n)]
+
+
 def plot_grid(summary: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]], out_dir: Path) -> list[Path]:
-    """One figure per metric: every seed's value per arm, mean and 95% CI bar; warmup arms beside their base."""
+    """One figure per metric. Left: every seed's value per arm, mean and 95% CI, each warmup arm beside its
+    base. Right: each paired comparison, warmup arm minus base per seed, the mean and 95% CI of that paired
+    difference, and a zero line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,21 +224,42 @@ def plot_grid(summary: dict[str, Any], results: dict[int, dict[str, dict[str, An
     paths = []
     for m in summary["metrics"]:
         k = _scale(m)
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(order) + 1), 3.6))
+        diffs = [(f"{p.get('arm', key)} - {p['baseline']}", p["metrics"][m]) for key, p in pairs.items()
+                 if m in p["metrics"]]
+        widths = [max(4.0, 0.8 * len(order) + 1.2)] + ([max(4.0, 0.8 * len(diffs) + 1.6)] if diffs else [])
+        fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 4.0), width_ratios=widths,
+                                 layout="constrained", squeeze=False)
+        ax = axes[0][0]
         for i, a in enumerate(order):
             s = summary["arms"][a].get(m)
             if s is None:
                 continue
             vals = [v * k for v in s["values"]]
             colour = "tab:orange" if a in warm_base else "tab:blue"
-            ax.scatter([i + (j - (len(vals) - 1) / 2) * 0.05 for j in range(len(vals))], vals, s=14, color=colour, alpha=0.7)
+            ax.scatter(_jitter(i, len(vals)), vals, s=14, color=colour, alpha=0.7)
             n = len(vals)
             half = float(stats.t.ppf(0.975, n - 1)) * s["std"] * k / math.sqrt(n) if n > 1 else 0.0
             ax.errorbar(i + 0.25, s["mean"] * k, yerr=half, fmt="D", color="k", ms=4, capsize=3)
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(HEADLINE[m] + " (%)")
-        ax.set_title(f"{HEADLINE[m]}: seeds (points), mean and 95% CI (black); orange = InDistill warmup", fontsize=8)
-        fig.tight_layout()
+        ax.set_title("per arm: seeds (points), mean and 95% CI (black)\norange = InDistill warmup, beside its base",
+                     fontsize=8)
+        if diffs:
+            # The arms of one seed share the initial student and the data order, so the per-arm intervals
+            # overlap even where every seed moved the same way: the conclusions rest on this panel.
+            bx = axes[0][1]
+            bx.axhline(0.0, color="0.35", lw=0.9, ls="--", zorder=1)
+            for i, (_label, s) in enumerate(diffs):
+                vals = [v * k for v in s["values"]]
+                bx.scatter(_jitter(i, len(vals)), vals, s=14, color="tab:orange", alpha=0.7, zorder=2)
+                half = s["ci_half"] * k if math.isfinite(s.get("ci_half", float("nan"))) else 0.0
+                bx.errorbar(i + 0.25, s["mean"] * k, yerr=half, fmt="D", color="k", ms=4, capsize=3, zorder=3)
+            bx.set_xticks(range(len(diffs)), [d[0] for d in diffs], rotation=30, ha="right", fontsize=8)
+            bx.set_xlim(-0.6, len(diffs) - 0.4)
+            bx.set_ylabel(f"{HEADLINE[m]} difference (points)")
+            bx.set_title("InDistill arm minus its base, paired by seed:\nseeds (points), mean and 95% CI (black)",
+                         fontsize=8)
+        fig.suptitle(HEADLINE[m], fontsize=10)
         p = out_dir / f"grid_{m.replace('/', '_').replace('@', 'at')}.png"
         save_figure(fig, p)
         plt.close(fig)
@@ -417,39 +454,149 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+# -- what a grid directory remembers ----------------------------------------------------------
+#: written when a grid starts: how it was run, so ``--report-only`` re-renders that same grid
+COMMAND_FILE = "grid_command.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}); restore it (git) or delete it") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); restore it (git) or delete it")
+    return obj
+
+
+def grid_record(root: Path) -> dict[str, Any] | None:
+    """How the grid in ``root`` was run: its ``grid_command.json``, or for a grid run before that file existed,
+    what its ``grid.json`` holds (the command line and the resolved config, ``resolved``); None for neither."""
+    if (root / COMMAND_FILE).is_file():
+        return _read_json(root / COMMAND_FILE)
+    if not (root / "grid.json").is_file():
+        return None
+    old = _read_json(root / "grid.json")
+    command = str(old.get("command", ""))
+    seeds = re.search(r" --seeds (\d+)", command)
+    order = re.search(r" --order (\w+)", command)
+    return {"command": command, "seeds": int(seeds.group(1)) if seeds else len(old.get("cells") or {}) or None,
+            "order": order.group(1) if order else "seeds", "overrides": None, "resolved": old.get("config")}
+
+
+def reported_cells(root: Path) -> int | None:
+    """How many finished cells the ``grid.json`` in ``root`` reports; None when there is none."""
+    if not (root / "grid.json").is_file():
+        return None
+    old = _read_json(root / "grid.json")
+    if old.get("cells_finished") is not None:
+        return int(old["cells_finished"])
+    return sum(len(r) for r in (old.get("cells") or {}).values())  # grids reported before cells_finished
+
+
+def arms_on_disk(root: Path, seeds: list[int], known: list[str], log=print) -> list[ArmSpec]:
+    """The arms of finished cells of ``seeds`` in ``root`` that ``known`` does not name, as each cell's own
+    config ran it: a grid whose config renamed its arms, or one run with an ``arms=`` nobody recorded."""
+    found: dict[str, ArmSpec] = {}
+    for seed in seeds:
+        d = root / "cells" / f"s{seed}"
+        for path in sorted(d.glob("*.yaml")):
+            name = path.stem
+            if name in known or name in found or not (d / name / "results.json").is_file():
+                continue
+            try:
+                arms = [a for a in resolve_arms(load_config(path)) if a.name == name]
+            except UserError as e:
+                log(f"grid: skipping the finished cells of arm '{name}': its config does not load ({e})")
+                known = [*known, name]
+                continue
+            if arms:
+                found[name] = arms[0]
+    # No record of the config's order: baseline arms first, as a config lists them.
+    return sorted(found.values(), key=lambda a: (a.warmup == "indistill", a.name))
+
+
 def cmd_grid(args) -> int:
     from .report import machine_info
 
     cfg = load_config(args.config, args.overrides)
-    seeds = [cfg.seed + i for i in range(args.seeds)]
+    root = cfg.run_dir
+    record = grid_record(root) if args.report_only else None
+    if record is not None:
+        # Re-render the grid that ran: its overrides (arms=[...], precision=...) first, this command's on top.
+        if record.get("overrides") is not None:
+            cfg = load_config(args.config, [*record["overrides"], *args.overrides])
+        elif record.get("resolved"):
+            cfg = config_from_tree(record["resolved"], args.overrides, where=str(root / "grid.json"))
+        cfg = dataclasses.replace(cfg, out_dir=str(root.parent), name=root.name)  # the directory found
+    n_seeds = args.seeds if args.seeds is not None else int((record or {}).get("seeds") or 3)
+    seeds = [cfg.seed + i for i in range(n_seeds)]
+    if args.report_only and not any(o.split("=", 1)[0].strip() == "arms" for o in args.overrides):
+        listed = resolve_arms(cfg)
+        extra = arms_on_disk(root, seeds, [a.name for a in listed])
+        if extra:
+            # Arms with no finished cell at all are not this grid's (the config renamed them since): drop them.
+            if not any((cell_dir(root, s, a.name) / "results.json").is_file() for s in seeds for a in listed):
+                listed = []
+            print(f"grid: reporting the finished cells of arms the config does not list: "
+                  f"{', '.join(a.name for a in extra)}")
+            cfg = dataclasses.replace(cfg, arms=[*listed, *extra])
     grid = Grid(cfg, seeds, per_seed_sources=args.per_seed_sources)
     workers = args.workers or default_workers()
     threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-    command = " ".join(["indistill", "grid", args.config, f"--seeds {args.seeds}",
+    command = " ".join(["indistill", "grid", args.config, f"--seeds {n_seeds}",
                         *([f"--workers {args.workers}"] if args.workers else []),
                         *([f"--order {args.order}"] if args.order != "seeds" else []), *args.overrides])
+    if record is not None and record.get("command"):
+        command = str(record["command"])  # a re-rendered report names the command that ran the grid
+    cells = grid.cells()
+    reported = reported_cells(grid.root)
     t0 = time.perf_counter()
     if args.report_only:
-        cells = grid.cells()
         done = sum(c.done for c in cells)
         if not done:
             raise UserError(f"no finished cells under {grid.root / 'cells'}; run the grid without --report-only first")
+        if reported is not None and done < reported:
+            raise UserError(
+                f"refusing to replace {grid.root / 'grid.md'}, which reports {reported} finished cells, with a report "
+                f"of {done} ({len(seeds)} seeds x {len(grid.arms)} arms); give the seeds and arms the grid ran with "
+                f"(`{command}`), or report into another directory (out_dir=...)")
         print(f"grid: reporting {done} of {len(cells)} cells finished (nothing is trained)")
     else:
-        grid.train_sources()
-        for c in grid.cells():
-            grid.write_cell_config(c)
-        print(f"grid: {len(grid.cells())} cells ({len(seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
-        run_cells(schedule(grid.cells(), grid.arms, args.order), workers=workers, threads=threads)
+        # One grid per directory: a second one would run (and fail) the same cells beside the first. A report
+        # (--report-only) takes no lock: it is how one looks at a grid that is still running.
+        held = RunDir(grid.root)
+        held.lock()
+        held.remove_temp_files(tuple(f"cells/s{s}" for s in seeds))  # the cell configs this grid writes
+        try:
+            if reported is not None and len(cells) < reported:
+                raise UserError(
+                    f"refusing to run a grid of {len(cells)} cells ({len(seeds)} seeds x {len(grid.arms)} arms) into "
+                    f"{grid.root}, whose grid.md reports {reported} finished cells; give the seeds and arms it ran "
+                    f"with, or use another directory (out_dir=... or name=...)")
+            atomic_write_json(grid.root / COMMAND_FILE, {
+                "command": command, "config": args.config, "seeds": n_seeds, "order": args.order,
+                "workers": args.workers, "threads": args.threads, "per_seed_sources": args.per_seed_sources,
+                "overrides": list(args.overrides)})
+            grid.train_sources()
+            for c in cells:
+                grid.write_cell_config(c)
+            print(f"grid: {len(cells)} cells ({len(seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
+            run_cells(schedule(cells, grid.arms, args.order), workers=workers, threads=threads)
+        finally:
+            held.unlock()
     results = grid.collect()
     summary = summarise(results, grid.arms)
-    m = machine_info()
+    old = _read_json(grid.root / "grid.json") if args.report_only and reported is not None else {}
+    # A report re-rendered trains nothing: it keeps the machine, wall time, workers and config of the run that
+    # trained (today's schema would add keys, with today's defaults, that the run never had).
+    m = old.get("machine") or machine_info()
     machine = f"{m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-    wall = None if args.report_only else time.perf_counter() - t0
-    if args.report_only and (grid.root / "grid.json").is_file():  # keep the wall time of the run that trained
-        wall = json.loads((grid.root / "grid.json").read_text()).get("wall_time_s")
-    out = {"command": command, "cells_finished": sum(c.done for c in grid.cells()), "cells_total": len(grid.cells()), "machine": m, "wall_time_s": wall, "workers": workers, "threads": threads,
-           "config": to_dict(cfg), "summary": summary, "cells": {str(s): r for s, r in results.items()}}
+    wall = old.get("wall_time_s") if args.report_only else time.perf_counter() - t0
+    out = {"command": command, "cells_finished": sum(c.done for c in cells), "cells_total": len(cells), "machine": m,
+           "wall_time_s": wall, "workers": old.get("workers", workers), "threads": old.get("threads", threads),
+           "config": old.get("config") or to_dict(cfg), "summary": summary,
+           "cells": {str(s): r for s, r in results.items()}}
     for r in out["cells"].values():
         for v in r.values():
             v.pop("pr_curves", None)
@@ -466,7 +613,8 @@ def cmd_grid(args) -> int:
 
 def add_grid_parser(add) -> None:
     p = add("grid", "one config over N seeds, arms paired within a seed: mean, std and paired 95% CIs", cmd_grid)
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (cfg.seed, cfg.seed+1, ...)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (cfg.seed, cfg.seed+1, ...; default 3, with --report-only the recorded number)")
     p.add_argument("--workers", type=int, default=0, help="cells in parallel (default: one per CPU core, 1 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="threads per worker (default: cores / workers)")
     p.add_argument("--per-seed-sources", action="store_true", help="train the teacher and auxiliary once per seed")
@@ -475,4 +623,6 @@ def add_grid_parser(add) -> None:
                         "stopped early then has whole paired comparisons), or arm by arm in the config's order; "
                         "the numbers do not depend on it")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running)")
+                   help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running), "
+                        "with the seeds and overrides the grid ran with (grid_command.json); never replaces a report "
+                        "of more finished cells")

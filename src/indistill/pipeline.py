@@ -16,6 +16,7 @@ Every arm starts from the same initial student and sees the same data order.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,10 @@ from . import distributed as ddp
 from .checkpoint import atomic_write_json, export_safetensors, load_weights
 from .config import ArmSpec, Config, ModelSpec, check_run_location, describe_arm, resolve_arms, to_dict
 from .data import DataSplits, get_dataset
-from .engine import Engine, Stage, TensorBoardLogger, get_logger, select_device
+from .data.base import DATASETS
+from .engine import Engine, Stage, TensorBoardLogger, get_logger, resolve_config_precision, select_device
 from .errors import UserError
-from .models import create_model, model_taps, tap_shapes
+from .models import create_model, declare_model, model_name, model_record, model_taps, tap_shapes
 from .models.registry import call_factory, resolve_factory
 from .models.taps import OUTPUT
 from .rundir import RunDir
@@ -42,8 +44,18 @@ from .warmup import InDistillWarmup, build_warmup
 
 def load_data(cfg: Config) -> DataSplits:
     d = cfg.data
-    return get_dataset(d.name, root=d.root, download=d.download, train_subset=d.train_subset,
-                       test_subset=d.test_subset, num_workers=d.num_workers)
+    reserved = {"root", "download", "train_subset", "test_subset", "num_workers"} & set(d.kwargs)
+    if reserved:
+        raise UserError(f"data.kwargs sets {', '.join(sorted(reserved))}, which are data keys of their own; "
+                        f"set data.{sorted(reserved)[0]} instead")
+    kw = dict(root=d.root, download=d.download, train_subset=d.train_subset, test_subset=d.test_subset,
+              num_workers=d.num_workers, **d.kwargs)
+    try:
+        inspect.signature(DATASETS.get(d.name)).bind(**kw)
+    except TypeError as e:  # an option the dataset's factory does not take
+        raise UserError(f"dataset '{d.name}' does not take data.kwargs {sorted(d.kwargs)} "
+                        f"({str(e).splitlines()[0][:160]}); check its options") from None
+    return get_dataset(d.name, **kw)
 
 
 def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
@@ -51,7 +63,6 @@ def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     if ":" in spec.name:
         model = call_factory(resolve_factory(spec.name), spec.name, num_classes=data.num_classes,
                              in_channels=data.in_channels, **spec.kwargs)
-        model.indistill_name = spec.name
         if not spec.taps:
             raise UserError(
                 f"model '{spec.name}' is not from the zoo: name its taps in the config "
@@ -60,15 +71,42 @@ def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     else:
         model = create_model(spec.name, num_classes=data.num_classes, in_channels=data.in_channels, **spec.kwargs)
     if spec.taps:
-        taps = dict(getattr(model, "indistill_taps", {}) or {})
+        rec = model_record(model)
+        taps = dict(rec.taps if rec is not None else {})
         taps.update(spec.taps)
         taps.setdefault("logits", OUTPUT)
-        model.indistill_taps = taps
+        declare_model(model, taps, spec.name)
     return model
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def schedule_warnings(cfg: Config) -> list[str]:
+    """What a config's LR schedules will silently not do: multistep milestones at or beyond their stage's
+    epochs (the scheduler steps once per epoch, so milestone m only acts on epoch m + 1).
+
+    Only the stages ``indistill run`` trains: the teacher and auxiliary unless loaded from a checkpoint,
+    and the students (every arm's budget).
+    """
+    stages = [] if cfg.teacher.checkpoint else [("teacher.train", cfg.teacher.train)]
+    if cfg.auxiliary.enabled and not cfg.auxiliary.checkpoint:
+        stages += [("auxiliary.ce", cfg.auxiliary.ce), ("auxiliary.pkt", cfg.auxiliary.pkt)]
+    stages.append(("student.train", cfg.student.train))
+    out = []
+    for key, train in stages:
+        sched = train.scheduler
+        late = sorted(m for m in sched.milestones if m >= train.epochs)
+        if sched.name != "multistep" or not late:
+            continue
+        effect = ("the learning rate never decays" if len(late) == len(sched.milestones)
+                  else f"the decay{'s' if len(late) > 1 else ''} at {late} never happen{'' if len(late) > 1 else 's'}")
+        # e.g. the same share of the budget as the paper's 60 of 70 epochs
+        example = f" (e.g. {key}.scheduler.milestones=[{max(1, train.epochs * 6 // 7)}])" if train.epochs > 1 else ""
+        out.append(f"{key}.scheduler.milestones {list(sched.milestones)} with {key}.epochs={train.epochs}: {effect}; "
+                   f"set milestones below {train.epochs}{example} or raise the epochs")
+    return out
 
 
 @dataclass
@@ -91,6 +129,8 @@ class Pipeline:
         self.run_dir = cfg.run_dir
         ddp.init_from_env(cfg.device)  # joins torchrun's process group; nothing in one process
         self.device = select_device(cfg.device)
+        # `auto` -> bf16 or fp32 for this device, before the run directory records the config
+        resolve_config_precision(cfg, self.device)
         self.log = get_logger(self.run_dir, to_file=False)
         if data is None and cfg.data.download and ddp.is_distributed():
             ddp.on_main(lambda: load_data(cfg) and None)  # rank 0 downloads; the others then find the files
@@ -123,6 +163,7 @@ class Pipeline:
         """
 
         def take() -> None:
+            self.rundir.log = self.log
             self.rundir.check(self.cfg)
             self.rundir.lock()
             self.rundir.claim(self.cfg)
@@ -185,7 +226,6 @@ class Pipeline:
                            warmup_epochs=W, reference=arm.reference, optimizer_reset=arm.optimizer_reset,
                            pruned_bn=arm.pruned_bn),
         )
-        stage.warmup = warmup  # type: ignore[attr-defined]  # for prune_<arm>.json and `indistill prune`
         return stage
 
     def student(self, arm: ArmSpec, source: nn.Module) -> Trained:
@@ -193,7 +233,7 @@ class Pipeline:
         stage = self.arm(arm, source, student)
         self.log.info(f"[{arm.name}] {describe_arm(arm)}; optimizer state cleared at the start of epochs "
                       f"{[e + 1 for e in stage.reset_optimizer_at] or 'none'}")
-        warmup = getattr(stage, "warmup", None)
+        warmup = stage.warmup
         if warmup is not None and ddp.is_main():
             atomic_write_json(self.run_dir / f"prune_{arm.name}.json", warmup.prune_record())
         self.engine.fit(stage)
@@ -213,6 +253,14 @@ class Pipeline:
                   "student": build_model(self.cfg.student, self.data).to(dev)}
         if self.cfg.auxiliary.enabled:
             models["auxiliary"] = build_model(self.cfg.auxiliary, self.data).to(dev)
+        # The checkpoints the config names must exist and fit before the run directory is claimed: a run
+        # that failed on them later would hold a config.yaml that refuses the corrected command.
+        if self.cfg.teacher.checkpoint:
+            load_weights(models["teacher"], self.cfg.teacher.checkpoint, reset_head=self.cfg.teacher.reset_head)
+        if self.cfg.auxiliary.enabled and self.cfg.auxiliary.checkpoint:
+            load_weights(models["auxiliary"], self.cfg.auxiliary.checkpoint)
+        if self.cfg.student.checkpoint:  # named, so it must load, although every arm starts from a fresh student
+            load_weights(models["student"], self.cfg.student.checkpoint, reset_head=self.cfg.student.reset_head)
         for role, m in models.items():
             try:
                 tap_shapes(m, model_taps(m), self.input_shape)
@@ -236,7 +284,7 @@ class Pipeline:
             try:
                 if batch is not None:
                     W = int(stage.meta.get("warmup_epochs", 0))
-                    warm = getattr(stage, "warmup", None)
+                    warm = stage.warmup
                     epochs = sorted({0, W} | {p.start for p in (warm.schedule if warm is not None else [])})
                     for e in (x for x in epochs if x < stage.train.epochs):
                         sum(stage.loss_fn(batch, e).values()).backward()
@@ -255,6 +303,8 @@ class Pipeline:
         e = self.cfg.evaluate
         settings = {**to_dict(e), "dataset": self.data.name, "train_subset": self.cfg.data.train_subset,
                     "test_subset": self.cfg.data.test_subset}
+        if not settings.get("extra_metrics"):  # an evaluation cached before the key existed stays valid
+            settings.pop("extra_metrics", None)
         out: dict[str, Any] = {}
         for t in models:
             key = self.rundir.cache_key(t.checkpoint, settings) if cache and t.checkpoint.is_file() else None
@@ -265,9 +315,9 @@ class Pipeline:
             self.log.info(f"[evaluate] {t.name}")
             res = evaluate_model(
                 t.model, model_taps(t.model), self.data, device=self.device, metrics=tuple(e.metrics),
-                protocols=tuple(e.protocols), ks=tuple(e.ks),
+                protocols=tuple(e.protocols), ks=tuple(e.ks), extra_metrics=tuple(e.extra_metrics),
             )
-            res.update({"role": t.role, "model": getattr(t.model, "indistill_name", type(t.model).__name__),
+            res.update({"role": t.role, "model": model_name(t.model),
                         "params": count_params(t.model), "checkpoint": str(t.checkpoint)})
             if key is not None and ddp.is_main():
                 self.rundir.store(t.name, key, res)
@@ -282,13 +332,24 @@ class Pipeline:
         """Only the teacher (and auxiliary): what a grid shares between its cells."""
         return self._run(command, arms=False)
 
+    def pending_stages(self, arms: bool = True) -> list[str]:
+        """The stages of this run without a final checkpoint yet: empty when a re-run has nothing to train."""
+        names = [] if self.cfg.teacher.checkpoint else ["teacher"]
+        if self.cfg.auxiliary.enabled and not self.cfg.auxiliary.checkpoint:
+            names += ["auxiliary_ce", "auxiliary_pkt"]
+        names += [a.name for a in resolve_arms(self.cfg)] if arms else []
+        return [n for n in names if not self.engine.checkpoint_path(n).is_file()]
+
     def _run(self, command: str, arms: bool) -> dict[str, Any]:
         from .report import write_report
 
         t0 = time.perf_counter()
         self.validate()
         self.claim()
+        for note in schedule_warnings(self.cfg):  # after the claim: log.txt keeps it too
+            self.log.warning(f"warning: {note}")
         try:
+            pending = self.pending_stages(arms)  # before any stage runs: does this invocation train anything?
             teacher = self.teacher()
             trained = [teacher]
             source = teacher
@@ -303,7 +364,11 @@ class Pipeline:
             wall = time.perf_counter() - t0
             report = ddp.on_main(lambda: write_report(
                 self.run_dir, results, cfg=self.cfg, command=command, wall_time_s=wall,
-                data_source=getattr(self.data, "source", None)))
+                data_source=getattr(self.data, "source", None), trained=bool(pending)))
             return report
+        except UserError as e:
+            # A failed attempt's epoch checkpoints then do not keep the corrected config out (RunDir.check).
+            self.rundir.record_failure(str(e))
+            raise
         finally:
             self.release()

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError, suggest
+from .models.registry import model_record
 from .models.taps import OUTPUT, Taps, parse_spec, resolve_module, tap_shapes
 
 __all__ = [
@@ -495,7 +496,8 @@ class PrunedTeacher(nn.Module):
 def _specs_of(model: nn.Module, explicit: Mapping[str, str] | None, role: str) -> dict[str, str]:
     if explicit is not None:
         return dict(explicit)
-    specs = getattr(model, "indistill_taps", None)
+    rec = model_record(model)
+    specs = rec.taps if rec is not None else None
     if specs is None:
         raise UserError(
             f"{role} {type(model).__name__} declares no taps; pass {role}_taps="
@@ -539,7 +541,7 @@ def prune_to_student(
     Long on purpose: its body is the list of checks every pair must pass, each with its own one-line error.
 
     Args:
-        teacher, student: models; their taps come from ``indistill_taps`` or
+        teacher, student: models; their taps come from their records (:func:`~indistill.models.model_taps`) or
             the explicit ``teacher_taps`` / ``student_taps`` spec dicts.
         pairs: teacher tap name -> student tap name; a list means equal names;
             ``None`` pairs every stage tap the two share (not embedding/logits).

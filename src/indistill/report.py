@@ -68,6 +68,13 @@ def results_table(models: dict[str, Any], protocol: str = "standard") -> str:
     return "\n".join(lines)
 
 
+def _padded(values: list[float], frac: float = 0.05, least: float = 0.005) -> tuple[float, float]:
+    """Axis limits around ``values`` with a margin of ``frac`` of their range (at least ``least``)."""
+    lo, hi = min(values), max(values)
+    pad = max(least, frac * (hi - lo))
+    return lo - pad, hi + pad
+
+
 def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard") -> Path | None:
     import matplotlib
 
@@ -77,13 +84,21 @@ def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     drawn = False
     for ax, metric in zip(axes, ("cosine", "euclidean")):
+        recall: list[float] = []
+        precision: list[float] = []
         for name, r in models.items():
             block = retrieval(r, protocol, metric)
             if not block or "pr_curve" not in block:
                 continue
             ax.plot(block["pr_curve"]["recall"], block["pr_curve"]["precision"], marker=".", label=name)
+            recall += [float(x) for x in block["pr_curve"]["recall"]]
+            precision += [float(x) for x in block["pr_curve"]["precision"]]
             drawn = True
-        ax.set(title=f"precision-recall ({metric})", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(title=f"precision-recall ({metric})", xlabel="recall", ylabel="precision")
+        if precision:
+            # Zoomed to the curves: on a fixed 0-1 axis good models' curves sit flat against the top edge.
+            ax.set_xlim(*_padded(recall))
+            ax.set_ylim(*_padded(precision))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -110,21 +125,27 @@ def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:
             stages.setdefault(row["stage"], []).append(row)
     paths = []
     for stage, rows in stages.items():
-        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        fig, ax = plt.subplots(figsize=(7.5, 3.6), layout="constrained")
         epochs = [r["epoch"] for r in rows]
-        _shade_phases(ax, rows)
+        phases = _shade_phases(ax, rows)
         keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
         for k in keys:
             # markers: a 1-epoch phase is one point and would vanish as a line
             ax.plot(epochs, [r.get(k, float("nan")) for r in rows], marker="o", ms=3, label=k[5:])
         ax.set(xlabel="epoch", ylabel="loss", title=stage, yscale="log")
-        ax.legend(fontsize=7, loc="upper right")
+        handles, labels = ax.get_legend_handles_labels()
         if any("test_top1" in r for r in rows):
             ax2 = ax.twinx()
-            ax2.plot([r["epoch"] for r in rows if "test_top1" in r], [r["test_top1"] for r in rows if "test_top1" in r],
-                     "k--", marker=".", label="test top-1")
+            (top1,) = ax2.plot([r["epoch"] for r in rows if "test_top1" in r],
+                               [r["test_top1"] for r in rows if "test_top1" in r], "k--", marker=".")
             ax2.set_ylabel("test top-1 (%)")
-        fig.tight_layout()
+            handles.append(top1)
+            labels.append("test top-1 (right axis)")
+        # One legend outside the axes, phases included: labels drawn over the plot collided with the
+        # title and the legend (and a twin axis's line never reached an axes legend).
+        handles += [h for h, _ in phases]
+        labels += [f"phase: {name}" for _, name in phases]
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
         p = out_dir / f"train_{stage.replace('.', '_')}.png"
         save_figure(fig, p)
         plt.close(fig)
@@ -132,8 +153,9 @@ def plot_training(metrics_path: Path, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _shade_phases(ax: Any, rows: list[dict[str, Any]]) -> None:
-    """Shade contiguous runs of the same curriculum phase (epoch e spans [e - 0.5, e + 0.5])."""
+def _shade_phases(ax: Any, rows: list[dict[str, Any]]) -> list[tuple[Any, str]]:
+    """Shade contiguous runs of the same curriculum phase (epoch e spans [e - 0.5, e + 0.5]); returns
+    a legend handle and name per phase (none for a stage with one phase)."""
     spans: list[tuple[str, int, int]] = []
     for r in rows:
         ph = str(r.get("phase", ""))
@@ -142,21 +164,49 @@ def _shade_phases(ax: Any, rows: list[dict[str, Any]]) -> None:
         else:
             spans.append((ph, r["epoch"], r["epoch"]))
     if len({p for p, _, _ in spans}) < 2:
-        return
+        return []
     colours = ["#dde8f7", "#f7e6d5", "#e0f2dc", "#f1dcef", "#f4f1d2", "#e4e4e4"]
     names = list(dict.fromkeys(p for p, _, _ in spans))
+    handles: dict[str, Any] = {}
     for ph, a, b in spans:
-        ax.axvspan(a - 0.5, b + 0.5, color=colours[names.index(ph) % len(colours)], alpha=0.8, lw=0)
-        ax.text((a + b) / 2, 1.0, ph.split(":", 1)[-1], transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=6, rotation=30)
+        span = ax.axvspan(a - 0.5, b + 0.5, color=colours[names.index(ph) % len(colours)], alpha=0.8, lw=0)
+        handles.setdefault(ph, span)
+    return [(handles[ph], ph.split(":", 1)[-1]) for ph in names]
+
+
+def _previous_report(run_dir: Path) -> dict[str, Any] | None:
+    """The ``results.json`` an earlier invocation wrote into ``run_dir``, or None (none, or unreadable)."""
+    try:
+        old = json.loads((run_dir / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal once written as JSON (tuples are lists; NaN equals NaN, as the file reads it back)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def write_report(
     run_dir: str | Path, models: dict[str, Any], *, cfg: Config | None = None, command: str = "",
-    wall_time_s: float | None = None, data_source: str | None = None,
+    wall_time_s: float | None = None, data_source: str | None = None, trained: bool = True,
 ) -> dict[str, Any]:
-    """Write results.json, results.md and plots/ into ``run_dir``; return the results dict."""
+    """Write results.json, results.md and plots/ into ``run_dir``; return the results dict.
+
+    ``trained=False`` (this invocation trained nothing, every stage had finished): a report with the same
+    results is left as the invocation that trained wrote it (its wall time, command, machine) and returned;
+    results that changed (other evaluation settings) are written with the earlier wall time of training.
+    """
     run_dir = Path(run_dir)
+    wall_note = "this invocation; finished stages are not re-run"
+    previous = _previous_report(run_dir) if not trained else None
+    if previous is not None:
+        if _same_json(previous.get("models"), models):
+            return previous
+        if previous.get("wall_time_s") is not None:
+            wall_time_s = previous["wall_time_s"]
+            wall_note = "of the invocation that trained; this one trained nothing and re-evaluated"
     plots = run_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     out = {
@@ -178,7 +228,7 @@ def write_report(
     md += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
            + (f", GPU {m['cuda']}" if m["cuda"] else "")]
     if wall_time_s is not None:
-        md += [f"Wall time: {wall_time_s / 60:.1f} min (this invocation; finished stages are not re-run)"]
+        md += [f"Wall time: {wall_time_s / 60:.1f} min ({wall_note})"]
     md += [""]
     for protocol in protocols or ["standard"]:
         label = "standard metrics" if protocol == "standard" else "the authors' evaluation protocol (see docs/evaluation.md)"
@@ -187,6 +237,7 @@ def write_report(
            "split without augmentation, queries = test split, features = the embedding tap. All numbers in percent.", ""]
     if pr:
         md += [f"![precision-recall]({pr.relative_to(run_dir)})", ""]
-    md += [f"Training curves: {', '.join(str(p.relative_to(run_dir)) for p in train_plots)}", ""]
+    if train_plots:  # an evaluation (eval/<checkpoint>/) trains nothing: no curves, no empty line
+        md += [f"Training curves: {', '.join(str(p.relative_to(run_dir)) for p in train_plots)}", ""]
     atomic_write_text(run_dir / "results.md", "\n".join(md))
     return out

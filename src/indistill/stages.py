@@ -190,5 +190,5 @@ def arm_stage(arm: ArmSpec, student: nn.Module, source: nn.Module, *, warmup: In
     return HookedStage(
         arm.name, student, loss_fn, train, extra=method, frozen=frozen, phase=phase, evaluate=evaluate,
         eval_epochs=(lambda e: e >= W or eval_warm), reset_optimizer_at=reset_epochs(optimizer_reset, warmup, train.epochs),
-        meta=dict(meta or {}), hooks=tuple(h for h in (s_taps, t_taps) if h is not None),
+        meta=dict(meta or {}), hooks=tuple(h for h in (s_taps, t_taps) if h is not None), warmup=warmup,
     )

@@ -9,7 +9,8 @@ the phase active in that (0-based, arm-relative) epoch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +25,36 @@ from .methods import pkt_loss
 from .models import Taps, model_taps
 from .pairing import pair_stage_taps, stage_taps
 from .prune import PrunedTeacher, prune_to_student
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class WarmupLoss:
+    """A curriculum phase's loss: ``fn(student_tap, target) -> scalar``, logged as ``<label>/<tap>``."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    label: str
+
+
+#: phase losses by name (``warmup.tap_loss``, ``warmup.embedding_loss``); a plug-in adds one with
+#: ``WARMUP_LOSSES.add("cosine", WarmupLoss(fn, "cos"))``
+WARMUP_LOSSES: Registry[WarmupLoss] = Registry("warmup loss", group="indistill.warmup_losses")
+WARMUP_LOSSES.add("mse", WarmupLoss(lambda s, t: F.mse_loss(s.flatten(1), t.flatten(1)), "mse"))
+WARMUP_LOSSES.add("pkt", WarmupLoss(lambda s, t: pkt_loss(s, t, variant="reference"), "pkt"))
+WARMUP_LOSSES.add("pkt_original", WarmupLoss(lambda s, t: pkt_loss(s, t, variant="original"), "pkt"))
+
+#: ``f(taps, spec) -> Schedule``: the curriculum over the student taps (``warmup.schedule``)
+ScheduleFn = Callable[[list[str], WarmupSpec], Schedule]
+WARMUP_SCHEDULES: Registry[ScheduleFn] = Registry("warmup schedule", group="indistill.warmup_schedules")
+
+
+@WARMUP_SCHEDULES.register("default")
+def _default(taps: list[str], spec: WarmupSpec) -> Schedule:
+    """The paper's: tap k for ``a + k`` epochs (or ``phase_epochs``), then the optional embedding phase."""
+    schedule = WARMUP_SCHEDULES.get(spec.schedule)(list(taps), spec)
+    for p in schedule:
+        WARMUP_LOSSES.get(p.loss)  # an unknown loss fails here, before any training
+    return schedule
 
 
 class InDistillWarmup(nn.Module):
@@ -63,14 +94,10 @@ class InDistillWarmup(nn.Module):
     def forward(self, student: Mapping[str, torch.Tensor], batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         """The active phase's loss between the student's tap and the pruned source's target."""
         phase = self.schedule.phase_at(epoch)
-        key = phase.tap if phase.loss == "mse" else "embedding"
+        loss = WARMUP_LOSSES.get(phase.loss)
         with torch.no_grad():
-            target = self.target(batch.images, key)
-        s = student[phase.tap]
-        if phase.loss == "mse":
-            return {f"mse/{phase.tap}": F.mse_loss(s.flatten(1), target.flatten(1))}
-        variant = "original" if phase.loss == "pkt_original" else "reference"
-        return {f"pkt/{phase.tap}": pkt_loss(s, target, variant=variant)}
+            target = self.target(batch.images, phase.tap)
+        return {f"{loss.label}/{phase.tap}": loss.fn(student[phase.tap], target)}
 
     def target(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """The pruned source's target for ``key`` (:meth:`PrunedTeacher.target`)."""

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import UserError, suggest
+from ..errors import UserError
+from ..registry import Registry
 
 
 class Batch(NamedTuple):
@@ -29,7 +30,14 @@ class Batch(NamedTuple):
 
 
 class Split(ABC):
-    """One view of a dataset."""
+    """One view of a dataset.
+
+    ``shardable``: ``batches(..., rank=r, world=k)`` yields only rank ``r``'s rows of every global
+    batch (loading only those); a split that cannot leaves it False and the caller slices each
+    whole batch instead (:func:`indistill.distributed.shard_batches`).
+    """
+
+    shardable: bool = False
 
     @property
     @abstractmethod
@@ -49,8 +57,13 @@ class Split(ABC):
         epoch: int = 0,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Batch]:
-        """Iterate over the split once; order and augmentation depend only on (seed, epoch)."""
+        """Iterate over the split once; order and augmentation depend only on (seed, epoch).
+
+        With ``world > 1`` a :attr:`shardable` split yields rank ``rank``'s rows of each global batch.
+        """
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
@@ -74,30 +87,40 @@ class DataSplits:
     test: Split
     source: str | None = None
 
+    def __post_init__(self) -> None:
+        # One class makes every prediction right and every retrieved image relevant: top-1 and mAP read
+        # 100 while nothing was learnt.
+        if self.num_classes < 2:
+            raise UserError(f"{self.name}: {self.num_classes} class{'es' if self.num_classes != 1 else ''}; "
+                            f"classification and retrieval need at least 2 (one folder per class)")
+        present = int(torch.unique(self.train.labels).numel()) if len(self.train) else 0
+        if present < 2:
+            raise UserError(f"{self.name}: the training split holds images of {present} class"
+                            f"{'es' if present != 1 else ''}; it needs at least 2 (raise data.train_subset)")
 
-_DATASETS: dict[str, Callable[..., DataSplits]] = {}
+
+def _load_builtin() -> None:
+    from . import cifar, digits, fashion_mnist, imagefolder  # noqa: F401  (their decorators register them)
+
+
+DATASETS: Registry[Callable[..., DataSplits]] = Registry(
+    "dataset", loader=_load_builtin, group="indistill.datasets")
 
 
 def register_dataset(name: str):
-    """Decorator: register ``f(root=None, download=False, **kw) -> DataSplits``.
+    """Decorator: register ``f(root=None, download=False, **kw) -> DataSplits`` (a name taken twice is an error).
 
     Every loader accepts ``train_subset``, ``test_subset`` and ``num_workers``
-    (ignored by in-memory datasets), so callers can pass them uniformly.
+    (ignored by in-memory datasets), so callers can pass them uniformly; a
+    dataset's own options come from the config's ``data.kwargs``.
     """
-
-    def deco(fn: Callable[..., DataSplits]):
-        _DATASETS[name] = fn
-        return fn
-
-    return deco
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def get_dataset(name: str, root: str | None = None, download: bool = False, **kw: Any) -> DataSplits:
     """Load a registered dataset by name (a missing one raises a one-line ``UserError``)."""
-    if name not in _DATASETS:
-        raise UserError(f"unknown dataset '{name}'{suggest(name, _DATASETS)}; known: {', '.join(sorted(_DATASETS))}")
-    return _DATASETS[name](root=root, download=download, **kw)
+    return DATASETS.get(name)(root=root, download=download, **kw)

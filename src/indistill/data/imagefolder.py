@@ -182,25 +182,107 @@ def _collate_or_none(samples: list[Any]) -> Any:
     return default_collate(samples) if samples else None
 
 
+def _inside(path: str, base: str) -> bool:
+    """``path`` is ``base`` or below it (both real paths)."""
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+class _FolderWalk:
+    """Reads the class folders of one split without following a directory symlink out of the dataset root,
+    into the other split, into another class's folder, or back up the tree (a loop); each real directory is
+    read once. Symlinked image *files* are read where they point (a subset linked from a full copy is common,
+    and a file link can neither loop nor pull in a tree). What was not followed is in ``skipped``."""
+
+    def __init__(self, root: Path, split_dir: Path, other_split: Path | None):
+        self.root = os.path.realpath(root)
+        self.split = os.path.realpath(split_dir)
+        self.other = os.path.realpath(other_split) if other_split is not None else None
+        self.skipped: list[str] = []
+
+    def _forbidden(self, real: str, own: str, others: list[str]) -> bool:
+        if not _inside(real, self.root) or _inside(own, real) or _inside(self.split, real):
+            return True  # out of the root, or the class folder itself / one above it: a loop
+        if self.other is not None and (_inside(real, self.other) or _inside(self.other, real)):
+            return True  # the other split's images (test images in training)
+        return any(_inside(real, o) or _inside(o, real) for o in others)  # another class's images
+
+    def classes(self, split_dir: Path) -> list[tuple[str, str]]:
+        """``(name, path)`` of the split's class folders, sorted by name."""
+        out = []
+        for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
+            if not e.is_dir():
+                continue
+            if e.is_symlink():
+                real = os.path.realpath(e.path)
+                if not _inside(real, self.root) or _inside(self.split, real) or (
+                        self.other is not None and (_inside(real, self.other) or _inside(self.other, real))):
+                    self.skipped.append(f"{e.path} -> {real}")
+                    continue
+            out.append((e.name, e.path))
+        return out
+
+    def images(self, folder: str, label: int, others: list[str], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+        """``(path, label)`` of every image under ``folder``; ``others``: the other class folders' real paths."""
+        own = os.path.realpath(folder)
+        seen = {own}
+        samples = []
+        for cur, dirs, files in os.walk(folder, followlinks=True):
+            keep = []
+            for d in sorted(dirs):
+                p = os.path.join(cur, d)
+                real = os.path.realpath(p)
+                if real in seen or (os.path.islink(p) and self._forbidden(real, own, others)):
+                    if real not in seen:
+                        self.skipped.append(f"{p} -> {real}")
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirs[:] = keep  # os.walk descends only into these
+            samples += [(os.path.join(cur, f), label) for f in sorted(files) if f.lower().endswith(extensions)]
+        return samples
+
+
 def _scan(root: Path, name: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
-    """Class names, train samples and val/test samples of an ImageFolder-style tree."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Class names, train samples and val/test samples of an ImageFolder-style tree (see :class:`_FolderWalk`
+    for the symlinks it follows)."""
+    import logging
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     train_dir = root / "train"
     eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or eval_dir is None:
         raise UserError(f"{name}: {root} needs train/<class>/ and val/<class>/ image folders; point root at such a directory")
-    try:
-        classes, class_to_idx = find_classes(str(train_dir))
-        train = make_dataset(str(train_dir), class_to_idx, IMG_EXTENSIONS)
-    except FileNotFoundError as e:
-        raise UserError(f"{name}: no usable class folders/images under {train_dir} ({e}); add train/<class>/*.jpg") from e
-    extra = sorted({p.name for p in eval_dir.iterdir() if p.is_dir()} - set(classes))
+    exts = tuple(x.lower() for x in IMG_EXTENSIONS)
+    walk = _FolderWalk(root, train_dir, eval_dir)
+    found = walk.classes(train_dir)
+    if not found:
+        raise UserError(f"{name}: no class folders under {train_dir}; add train/<class>/*.jpg")
+    classes = [c for c, _ in found]
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    reals = {c: os.path.realpath(p) for c, p in found}
+    train = []
+    for c, p in found:
+        got = walk.images(p, class_to_idx[c], [r for k, r in reals.items() if k != c], exts)
+        if not got:
+            raise UserError(f"{name}: class folder {p} has no images ({', '.join(exts)}); add some or remove the folder")
+        train += got
+    ewalk = _FolderWalk(root, eval_dir, train_dir)
+    efound = ewalk.classes(eval_dir)
+    extra = sorted({c for c, _ in efound} - set(classes))
     if extra:
         raise UserError(f"{name}: {eval_dir} has classes missing from train/: {', '.join(extra[:5])}; use the same class folders")
-    test = make_dataset(str(eval_dir), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    ereals = {c: os.path.realpath(p) for c, p in efound}
+    test = []
+    for c, p in efound:
+        test += ewalk.images(p, class_to_idx[c], [r for k, r in ereals.items() if k != c], exts)
     if not test:
         raise UserError(f"{name}: no images under {eval_dir}; add {eval_dir.name}/<class>/*.jpg")
+    skipped = walk.skipped + ewalk.skipped
+    if skipped:
+        logging.getLogger(__name__).warning(
+            "%s: not following %d directory symlink(s) that leave %s, loop, or reach another class or split "
+            "(first: %s)", name, len(skipped), root, skipped[0])
     return classes, train, test
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.base import Batch
 from ..errors import UserError, suggest
+from ..registry import Registry
 
 Shape = tuple[int, ...]
 
@@ -72,24 +73,23 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-_METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: register a method under ``cls.name``."""
-    if not cls.name or cls.name in _METHODS:
-        raise ValueError(f"bad or duplicate method name {cls.name!r}")
-    _METHODS[cls.name] = cls
-    return cls
-
-
 def _load() -> None:
     import indistill.methods  # noqa: F401  (its __init__ imports every method file)
 
 
+METHODS: Registry[type[Method]] = Registry("KD method", loader=_load, group="indistill.methods",
+                                           hint="see `indistill methods`")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under ``cls.name`` (a name taken twice is an error)."""
+    if not cls.name:
+        raise ValueError(f"method class {cls.__name__} needs a `name`")
+    return METHODS.add(cls.name, cls)
+
+
 def list_methods() -> dict[str, type[Method]]:
-    _load()
-    return dict(sorted(_METHODS.items()))
+    return dict(METHODS.items())
 
 
 def method_params(cls: type[Method]) -> dict[str, Any]:
@@ -104,10 +104,7 @@ def method_params(cls: type[Method]) -> dict[str, Any]:
 
 def get_method_class(name: str) -> type[Method]:
     """The registered class of ``name``; an unknown name is a one-line ``UserError``."""
-    _load()
-    if name not in _METHODS:
-        raise UserError(f"unknown KD method '{name}'{suggest(name, _METHODS)}; see `indistill methods`")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | None = None) -> Method:

@@ -1,8 +1,9 @@
 """Model registry: ``create_model(name, num_classes, in_channels, **kw)``.
 
-Every zoo model carries ``model.indistill_taps``: an ordered dict of tap name
--> tap spec (see :mod:`indistill.models.taps`). Names are ``stage1``..``stageN``
-(shallow to deep), ``embedding`` (the classifier's input) and ``logits``.
+Every model the library builds has a :class:`ModelRecord` (its name and taps), kept beside the
+module, never set on it: :func:`declare_model` records one, :func:`model_taps` / :func:`model_name`
+read it. Taps are an ordered dict of tap name -> tap spec (see :mod:`indistill.models.taps`):
+``stage1``..``stageN`` (shallow to deep), ``embedding`` (the classifier's input) and ``logits``.
 
 A model may also answer to *aliases*, the names other KD code bases use for
 it (``mobile_half``, ``ShuffleV1``, ``ResNet50``), so their configs and
@@ -13,18 +14,42 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ..errors import UserError, suggest
+from ..errors import UserError
+from ..registry import Registry
 
 FACTORY_SIGNATURE = "f(num_classes=, in_channels=, **kwargs) -> nn.Module"
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_TAPS: dict[str, Callable[[nn.Module], dict[str, str]]] = {}
-_ALIASES: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A registered model: its factory ``f(num_classes, in_channels, **kw)`` and its taps (of the built model)."""
+
+    factory: Callable[..., nn.Module]
+    taps: Callable[[nn.Module], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the library knows about a built model: the name it was built as and its taps."""
+
+    name: str
+    taps: dict[str, str]
+
+
+def _load_zoo() -> None:
+    # Importing the zoo modules runs their @register_model decorators.
+    from . import zoo  # noqa: F401
+
+
+MODELS: Registry[ZooEntry] = Registry("model", loader=_load_zoo, group="indistill.models", hint="see `indistill models`")
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, ModelRecord]" = weakref.WeakKeyDictionary()
 
 
 def register_model(
@@ -35,39 +60,46 @@ def register_model(
     """Decorator: register a model factory ``f(num_classes, in_channels, **kw)`` with its taps and aliases."""
 
     def deco(fn: Callable[..., nn.Module]):
-        for n in (name, *aliases):
-            if n in _MODELS or n in _ALIASES:
-                raise ValueError(f"model '{n}' registered twice")
-        _MODELS[name] = fn
-        _TAPS[name] = taps if callable(taps) else (lambda _m, t=dict(taps): dict(t))
-        _ALIASES.update({a: name for a in aliases})
+        tap_fn = taps if callable(taps) else (lambda _m, t=dict(taps): dict(t))
+        MODELS.add(name, ZooEntry(fn, tap_fn), aliases=aliases)
         return fn
 
     return deco
 
 
+def declare_model(model: nn.Module, taps: Mapping[str, str], name: str | None = None) -> nn.Module:
+    """Record ``model``'s taps (and the name it was built as) beside it; returns ``model`` unchanged."""
+    _RECORDS[model] = ModelRecord(name or type(model).__name__, dict(taps))
+    return model
+
+
+def model_record(model: nn.Module) -> ModelRecord | None:
+    """The record :func:`declare_model` made for ``model``, or None."""
+    return _RECORDS.get(model)
+
+
+def model_name(model: nn.Module) -> str:
+    """The name ``model`` was built as (zoo name or ``module:factory``), else its class name."""
+    rec = _RECORDS.get(model)
+    return rec.name if rec is not None else type(model).__name__
+
+
 def list_models() -> list[str]:
     """The canonical zoo names (aliases are in :func:`model_aliases`)."""
-    _load_zoo()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_aliases() -> dict[str, str]:
     """Alias -> canonical zoo name, e.g. ``{"mobile_half": "mobilenetv2_cifar", ...}``."""
-    _load_zoo()
-    return dict(sorted(_ALIASES.items()))
+    return MODELS.aliases()
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kw: Any) -> nn.Module:
-    """Build a zoo model; the result has ``indistill_taps`` and ``indistill_name`` attributes."""
-    _load_zoo()
-    name = _ALIASES.get(name, name)
-    if name not in _MODELS:
-        raise UserError(f"unknown model '{name}'{suggest(name, [*_MODELS, *_ALIASES])}; see `indistill models`")
-    model = call_factory(_MODELS[name], name, num_classes=num_classes, in_channels=in_channels, **kw)
-    model.indistill_taps = _TAPS[name](model)
-    model.indistill_name = name
-    return model
+    """Build a zoo model and record its taps and name (:func:`model_taps`, :func:`model_name`)."""
+    entry = MODELS.get(name)
+    name = MODELS.canonical(name)
+    model = call_factory(entry.factory, name, num_classes=num_classes, in_channels=in_channels, **kw)
+    return declare_model(model, entry.taps(model), name)
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,16 +166,11 @@ def call_factory(factory: Any, name: str, **kwargs: Any) -> nn.Module:
 
 
 def model_taps(model: nn.Module) -> dict[str, str]:
-    """The tap specs of a zoo model (ordered: stages shallow to deep, embedding, logits)."""
-    taps = getattr(model, "indistill_taps", None)
-    if taps is None:
+    """The tap specs of a built model (ordered: stages shallow to deep, embedding, logits)."""
+    rec = _RECORDS.get(model)
+    if rec is None:
         raise UserError(
             f"{type(model).__name__} declares no taps; name its layers in the config "
             f"(e.g. taps: {{stage1: layer1, embedding: 'fc:in', logits: '@output'}})"
         )
-    return dict(taps)
-
-
-def _load_zoo() -> None:
-    # Importing the zoo modules runs their @register_model decorators.
-    from . import zoo  # noqa: F401
+    return dict(rec.taps)

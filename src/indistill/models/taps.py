@@ -163,7 +163,9 @@ def tap_shapes(model: nn.Module, specs: Mapping[str, str], input_shape: tuple[in
             _, feats = taps(torch.zeros(2, *input_shape, device=device))
     except RuntimeError as e:  # shape mismatches inside the model: the input does not fit it
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        name = getattr(model, "indistill_name", type(model).__name__)
+        from .registry import model_name
+
+        name = model_name(model)
         raise UserError(
             f"model {name} cannot take inputs of shape {tuple(input_shape)} ({first}); choose a model for this "
             f"image size and channel count, or resize the data"
