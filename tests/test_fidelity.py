@@ -216,3 +216,45 @@ def test_ratio_is_sqrt_vhat_over_grad_rms_by_hand():
     expect = float(v_hat.sqrt().pow(2).mean().sqrt() / 0.01)
     assert ratio == pytest.approx(expect, rel=1e-6)
     assert adam_denominators(torch.optim.SGD([p], lr=0.1)) is None
+
+
+def test_epoch_mode_equals_the_authors_loop_that_creates_adam_every_epoch(tmp_path):
+    """`optimizer_reset: epoch` against an independent re-creation of the authors' loop
+    (`for epoch in ...: optimizer = optim.Adam(params, lr=lr)`), same initial weights, batches and LR
+    per epoch: the weights must agree to float rounding; one Adam kept throughout must not."""
+    from indistill.engine import Stage
+
+    def model_and_split():
+        torch.manual_seed(3)
+        m = create_model("cnn32_small", num_classes=10, in_channels=1)
+        g = torch.Generator().manual_seed(4)
+        sp = InMemorySplit(torch.randint(0, 256, (48, 1, 32, 32), generator=g, dtype=torch.uint8),
+                           torch.randint(0, 10, (48,), generator=g), (0.5,), (0.25,))
+        return m, sp
+
+    train = TrainSpec(epochs=4, eval_every=0)
+    train.scheduler.name, train.scheduler.milestones = "multistep", [2]
+    lrs = [1e-3, 1e-3, 1e-4, 1e-4]
+
+    def run_engine(mode_epochs, name):
+        model, split = model_and_split()
+        stage = Stage(name, model, lambda b, _e: {"ce": F.cross_entropy(model(b.images), b.labels)}, train,
+                      reset_optimizer_at=mode_epochs)
+        Engine(tmp_path / name, split, batch_size=16, progress=False, seed=7).fit(stage)
+        return model
+
+    by_engine = run_engine(reset_epochs("epoch", None, 4), "epoch_mode")
+    kept = run_engine((), "kept")
+
+    model, split = model_and_split()  # the authors' loop, written out
+    model.train()
+    for epoch, lr in enumerate(lrs):
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        for batch in split.batches(16, shuffle=True, seed=7, epoch=epoch):
+            optimizer.zero_grad()
+            F.cross_entropy(model(batch.images), batch.labels).backward()
+            optimizer.step()
+    for (name, a), b, c in zip(model.state_dict().items(), by_engine.state_dict().values(), kept.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(a, c, atol=1e-6) for a, c in zip(model.state_dict().values(), kept.state_dict().values())
+               if a.dtype.is_floating_point)
