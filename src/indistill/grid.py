@@ -173,8 +173,9 @@ def grid_markdown(summary: dict[str, Any], *, title: str, command: str, wall_s: 
             for m in metrics:
                 s = p["metrics"].get(m)
                 k = _scale(m)
-                cells.append("-" if s is None else f"{s['mean'] * k:+.2f} [{s['ci_low'] * k:+.2f}, {s['ci_high'] * k:+.2f}] "
-                             f"{win_label(s)}")
+                ci = (f"[{s['ci_low'] * k:+.2f}, {s['ci_high'] * k:+.2f}]" if s is not None and math.isfinite(s["ci_low"])
+                      else "[no CI: 1 seed]")
+                cells.append("-" if s is None else f"{s['mean'] * k:+.2f} {ci} {win_label(s)}")
             md.append(f"| {p.get('arm', warm)} - {p['baseline']} | " + " | ".join(cells) + " |")
         md += ["", f"Detectable difference: the smallest true paired difference these seeds would detect with "
                f"{POWER:.0%} power (two-sided 5%), given the paired sd measured here (percentage points).", "",

@@ -73,6 +73,15 @@ def _as_current(old: dict[str, Any]) -> dict[str, Any]:
         return old
 
 
+def _without_report_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config less what only decides how results are compared (an arm's grid ``baseline``)."""
+    arms = tree.get("arms")
+    if isinstance(arms, list):
+        tree = {**tree, "arms": [{k: v for k, v in a.items() if k != "baseline"} if isinstance(a, dict) else a
+                                 for a in arms]}
+    return tree
+
+
 class RunDir:
     """``out_dir/name`` of one config."""
 
@@ -173,8 +182,8 @@ class RunDir:
                 f"{path} was edited by hand after the run started (its stages were trained under the config it "
                 f"had then); restore it, or use another name=..."
             )
-        new = to_dict(cfg)
-        old = _as_current(old)
+        new = _without_report_keys(to_dict(cfg))
+        old = _without_report_keys(_as_current(old))
         defaults = to_dict(Config())  # a key added after the run was made compares as its default
         diff = [k for k in new if k not in LOCATION_KEYS and old.get(k, defaults.get(k)) != new[k]]
         if not diff:
