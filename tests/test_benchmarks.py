@@ -146,9 +146,13 @@ def test_engine_overhead_case_times_engine_and_bare_loop(stage):
     assert r["stage"] == stage and r["rounds"] == 2 and r["batches_per_round"] == 2
     for key in ("engine_ms_per_step", "engine_inner_ms_per_step", "bare_ms_per_step", "ratio"):
         assert r[key]["n"] == 2 and r[key]["median"] > 0, key
-    assert len(r["rounds_s"]["engine"]) == len(r["rounds_s"]["bare"]) == 2
-    # same weights, batches and optimizer: the two loops took the very same steps
-    assert r["max_param_diff_engine_vs_bare"] < 1e-5
+    assert set(r["bare"]) == set(engine_overhead.BARE[stage]) and "bare" in r["bare"]
+    for name, v in r["bare"].items():
+        assert v["ms_per_step"]["median"] > 0 and v["ratio"]["n"] == 2 and len(r["rounds_s"][name]) == 2
+        assert v["cpu_ms_per_step"]["median"] > 0 and v["ratio_cpu"]["median"] > 0
+        # same weights, batches and optimizer: every loop took the very same steps as the engine
+        assert v["max_param_diff_vs_engine"] < 1e-5, name
+    assert len(r["rounds_s"]["engine"]) == 2
     assert r["optimizer"] and r["summary"].startswith("engine ")
 
 

@@ -184,7 +184,29 @@ def _validate(path: Path, roots: dict[str, Path], out_dir: Path) -> None:
         if name not in roots:
             pytest.fail(f"{path.name}: no tiny-dataset writer for data.name={name}; add one to tests/test_configs.py")
         overrides.append(f"data.root={roots[name]}")
+    _stand_in_checkpoints(path, overrides)
     assert main(["validate", str(path), *overrides]) == 0
+
+
+def _stand_in_checkpoints(path: Path, overrides: list[str]) -> None:
+    """``validate`` loads every checkpoint a config names (the CRD teachers, torchvision's ResNet-34): write
+    untrained weights of the named architecture and the tiny dataset's class count where they are expected
+    (relative paths resolve in the test's working directory)."""
+    import torch
+
+    from indistill.pipeline import build_model, load_data
+
+    cfg = load_config(path, overrides)
+    specs = [cfg.teacher, cfg.student, *([cfg.auxiliary] if cfg.auxiliary.enabled else [])]
+    named = [s for s in specs if s.checkpoint]
+    if not named:
+        return
+    data = load_data(cfg)
+    for spec in named:
+        ckpt = Path(spec.checkpoint)
+        assert not ckpt.is_absolute(), f"{path.name}: a shipped config names an absolute checkpoint {ckpt}"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(build_model(spec, data).state_dict(), ckpt)
 
 
 # --------------------------------------------------------------------------- tests

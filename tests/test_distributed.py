@@ -338,8 +338,15 @@ def test_imagenet_config_loads():
 
 @pytest.mark.slow  # ~20 s of CPU: ResNet-34/18 forwards at 224x224 for every stage and warmup phase
 def test_imagenet_config_validates_on_a_tiny_imagefolder(tmp_path, capsys):
+    from indistill.config import load_config
+    from indistill.pipeline import build_model, load_data
+
     root = _tiny_imagefolder(tmp_path / "imagenet")
-    code = main(["validate", str(IMAGENET_CONFIG), f"data.root={root}"])
+    # validate loads the teacher's weights: a stand-in of torchvision's file, with the tiny tree's class count
+    cfg = load_config(IMAGENET_CONFIG, [f"data.root={root}"])
+    ckpt = tmp_path / "resnet34-b627a593.pth"
+    torch.save(build_model(cfg.teacher, load_data(cfg)).state_dict(), ckpt)
+    code = main(["validate", str(IMAGENET_CONFIG), f"data.root={root}", f"teacher.checkpoint={ckpt}"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "arm indistill_kd: warmup=indistill method=kd" in out.out and "(imagenet: 2 train / 2 test)" in out.out

@@ -169,6 +169,10 @@ def cmd_evaluate(args) -> int:
                              metrics=tuple(e.metrics), protocols=tuple(e.protocols), ks=tuple(e.ks))
         res.update({"role": meta.get("role", "model"), "model": spec.name, "params": count_params(model),
                     "checkpoint": str(ckpt)})
+        from .deploy import deployment_stats
+
+        res["deployment"] = deployment_stats(model, (data.in_channels, data.image_size, data.image_size),
+                                             checkpoint=ckpt, repeats=cfg.evaluate.latency_repeats)
         run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         out = run / "eval" / ckpt.name.split(".")[0]
         out.mkdir(parents=True, exist_ok=True)
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
     _add_grid(add)
+    _add_deploy(add)
     add("schema", "print the config reference (every key, type, default, meaning) as markdown", cmd_schema,
         config=False)
     return ap
@@ -353,6 +358,12 @@ def _add_grid(add) -> None:
     from .grid import add_grid_parser
 
     add_grid_parser(add)
+
+
+def _add_deploy(add) -> None:
+    from .cli_deploy import add_deploy_parsers
+
+    add_deploy_parsers(add)
 
 
 #: commands that train data-parallel under torchrun (validate just runs on every rank)

@@ -70,14 +70,15 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    """A zoo model by name, or a user model as ``module.path:factory``.
+    """A zoo model by name, ``timm:<model>`` / ``torchvision:<model>``, or a user model as ``module.path:factory``.
 
-    ``taps`` overrides or supplies tap specs (name -> module path, ``path:in``, or ``@output``).
+    ``taps`` overrides or supplies tap specs (name -> module path, ``path:in``, or ``@output``); a model
+    without registered taps has them found at the data's input size (``taps: auto``, the default for it).
     """
 
-    name: str = "cnn32_small"  # a zoo model (`indistill models`) or module.path:factory
+    name: str = "cnn32_small"  # a zoo model (`indistill models`), timm:<model>, torchvision:<model> or module.path:factory
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
-    taps: dict[str, str] | None = None  # tap name -> module path / path:in / @output (own models)
+    taps: dict[str, str] | str | None = None  # tap name -> module path / path:in / @output; auto: found by a dry forward (the default without registered taps)
     checkpoint: str | None = None  # load trained weights from here instead of training
     reset_head: bool = False  # with checkpoint: keep the fresh classifier when the class counts differ
 
@@ -191,6 +192,7 @@ class EvalSpec:
     ks: list[int] = field(default_factory=lambda: [1, 10, 100])  # precision@k
     extra_metrics: list[str] = field(default_factory=list)  # more retrieval metrics by name: mrr, r_precision, a plug-in's
     sources: bool = True  # also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)
+    latency_repeats: int = 10  # deployment view: timed CPU forwards per batch size (1 and 64), median reported; 0: no latency
 
 
 @dataclass
@@ -307,6 +309,7 @@ _RANGES: dict[tuple[str, str], _Range] = {
     ("WarmupSpec", "embedding_epochs"): _AT_LEAST_0,  # 0: the arm's method follows the tap phases
     ("Config", "loss_guard"): _AT_LEAST_0,  # 0: off
     ("EvalSpec", "ks"): _AT_LEAST_1,
+    ("EvalSpec", "latency_repeats"): _AT_LEAST_0,  # 0: no latency measured
 }
 
 # Keys that become file or directory names (the run directory, per-arm checkpoints and exports).
@@ -347,6 +350,8 @@ def _check_plain_name(value: str, where: str) -> None:
 def _check_value(cls: type, key: str, value: Any, where: str) -> None:
     """Range-check numeric keys (``_RANGES``) and plain-name keys (``_PLAIN_NAMES``)."""
     name = (cls.__name__, key)
+    if key == "taps" and issubclass(cls, ModelSpec) and isinstance(value, str) and value != "auto":
+        raise UserError(f"{where}: {brief(value)} is neither auto nor a mapping of tap name -> module path")
     if name in _PLAIN_NAMES and isinstance(value, str):
         _check_plain_name(value, where)
     rng = _RANGES.get(name)

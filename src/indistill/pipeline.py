@@ -33,12 +33,15 @@ from .data.base import DATASETS
 from .engine import Engine, Stage, TensorBoardLogger, get_logger, resolve_config_precision, select_device
 from .errors import UserError
 from .models import create_model, declare_model, model_name, model_record, model_taps, tap_shapes
+from .models.auto import resolve_taps
+from .models.external import is_external
 from .models.registry import call_factory, resolve_factory
-from .models.taps import OUTPUT
 from .rundir import RunDir
 from .stages import (
     arm_stage, auxiliary_pkt_stage, build_method, model_meta, supervised_stage, top1_evaluator,
 )
+from .methods import get_method_class
+from .pairing import TapPairs, pair_taps
 from .warmup import InDistillWarmup, build_warmup
 
 
@@ -59,23 +62,22 @@ def load_data(cfg: Config) -> DataSplits:
 
 
 def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
-    """A zoo model by name, or a user factory ``package.module:function`` (taps from ``spec.taps``)."""
-    if ":" in spec.name:
+    """A zoo model by name, ``timm:<model>`` / ``torchvision:<model>``, or a user factory ``package.module:function``.
+
+    Taps: the registered ones updated by ``spec.taps``; a model without registered taps (or ``taps: auto``)
+    has them found by one dry forward at the data's input size (:mod:`indistill.models.auto`).
+    """
+    shape = (data.in_channels, data.image_size, data.image_size)
+    if ":" in spec.name and not is_external(spec.name):
         model = call_factory(resolve_factory(spec.name), spec.name, num_classes=data.num_classes,
                              in_channels=data.in_channels, **spec.kwargs)
-        if not spec.taps:
-            raise UserError(
-                f"model '{spec.name}' is not from the zoo: name its taps in the config "
-                f"(taps: {{stage1: layer1, embedding: 'fc:in', logits: '@output'}})"
-            )
-    else:
-        model = create_model(spec.name, num_classes=data.num_classes, in_channels=data.in_channels, **spec.kwargs)
-    if spec.taps:
-        rec = model_record(model)
-        taps = dict(rec.taps if rec is not None else {})
-        taps.update(spec.taps)
-        taps.setdefault("logits", OUTPUT)
-        declare_model(model, taps, spec.name)
+        rec = model_record(model)  # a factory may declare its own taps
+        return declare_model(model, resolve_taps(model, spec.taps, shape, rec.taps if rec is not None else None),
+                             spec.name)
+    model = create_model(spec.name, num_classes=data.num_classes, in_channels=data.in_channels, input_shape=shape,
+                         taps=spec.taps, **spec.kwargs)
+    if spec.taps:  # the name the config gave (an alias) names the model, as it always has
+        declare_model(model, model_taps(model), spec.name)
     return model
 
 
@@ -136,6 +138,7 @@ class Pipeline:
             ddp.on_main(lambda: load_data(cfg) and None)  # rank 0 downloads; the others then find the files
         self.data = data or load_data(cfg)
         self.input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
+        self.pairings: dict[str, dict[str, Any]] = {}  # arm -> the stage pairs it distilled (results.json)
         self.engine = Engine(
             self.run_dir, self.data.train, batch_size=cfg.data.batch_size, device=self.device,
             precision=cfg.precision, channels_last=cfg.channels_last, seed=cfg.seed, progress=cfg.progress,
@@ -204,18 +207,28 @@ class Pipeline:
                                             evaluate=self._evaluator(aux), meta=meta))
         return Trained("auxiliary", aux, "auxiliary", self.engine.checkpoint_path("auxiliary_pkt"))
 
-    def build_warmup(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> InDistillWarmup | None:
+    def tap_pairs(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> TapPairs | None:
+        """The arm's stage pairs, made once for its warmup and its KD method; None where neither reads stage taps."""
+        if arm.warmup != "indistill" and "stages" not in get_method_class(arm.method or "").uses:
+            return None
+        w = self.cfg.warmup
+        return pair_taps(source, student, self.input_shape, pairs=w.pairs, resize=w.resize,
+                         role="auxiliary" if self.cfg.auxiliary.enabled else "teacher")
+
+    def build_warmup(self, arm: ArmSpec, source: nn.Module, student: nn.Module,
+                     pairs: TapPairs | None = None) -> InDistillWarmup | None:
         if arm.warmup != "indistill":
             return None
-        return build_warmup(self.cfg.warmup, source, student, self.input_shape, pruned_bn=arm.pruned_bn)
+        return build_warmup(self.cfg.warmup, source, student, self.input_shape, pruned_bn=arm.pruned_bn, pairs=pairs)
 
     def arm(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> Stage:
         """Build (not run) one arm's stage."""
-        warmup = self.build_warmup(arm, source, student)
+        pairs = self.tap_pairs(arm, source, student)
+        warmup = self.build_warmup(arm, source, student, pairs)
         train = self.cfg.student.train
         W = warmup.epochs if warmup is not None else 0
         method, t_want, s_want = build_method(
-            arm, source, student, pairs=self.cfg.warmup.pairs, input_shape=self.input_shape, data=self.data,
+            arm, source, student, pairs=pairs, input_shape=self.input_shape, data=self.data,
             epochs=max(1, train.epochs - W), seed=self.cfg.seed, stage_name=arm.name,
         )
         stage = arm_stage(
@@ -225,6 +238,7 @@ class Pipeline:
             meta=self.meta(self.cfg.student, "student", arm=arm.name, warmup=arm.warmup, method=arm.method,
                            warmup_epochs=W, reference=arm.reference, optimizer_reset=arm.optimizer_reset,
                            pruned_bn=arm.pruned_bn),
+            pairs=pairs,
         )
         return stage
 
@@ -233,6 +247,12 @@ class Pipeline:
         stage = self.arm(arm, source, student)
         self.log.info(f"[{arm.name}] {describe_arm(arm)}; optimizer state cleared at the start of epochs "
                       f"{[e + 1 for e in stage.reset_optimizer_at] or 'none'}")
+        pairs = getattr(stage, "pairs", None)
+        if pairs is not None:  # the pairing this arm distils (its warmup and KD method alike): log and results
+            self.pairings[arm.name] = pairs.record()
+            self.log.info(f"[{arm.name}] stage pairs by {pairs.how}: " + "; ".join(
+                f"{p.teacher.name} ({p.teacher.spec}, {p.teacher.show()}) -> {p.student.name} ({p.student.spec}, "
+                f"{p.student.show()})" for p in pairs.pairs))
         warmup = stage.warmup
         if warmup is not None and ddp.is_main():
             atomic_write_json(self.run_dir / f"prune_{arm.name}.json", warmup.prune_record())
@@ -305,12 +325,17 @@ class Pipeline:
                     "test_subset": self.cfg.data.test_subset}
         if not settings.get("extra_metrics"):  # an evaluation cached before the key existed stays valid
             settings.pop("extra_metrics", None)
+        settings.pop("latency_repeats", None)  # how the deployment view is timed, not what is evaluated
         out: dict[str, Any] = {}
         for t in models:
             key = self.rundir.cache_key(t.checkpoint, settings) if cache and t.checkpoint.is_file() else None
             hit = self.rundir.cached(t.name, key) if key is not None else None
             if ddp.agree(hit is not None, f"whether {t.name}'s evaluation is cached"):
-                out[t.name] = hit
+                if "deployment" not in hit:  # cached before the deployment view existed: measured once, kept
+                    hit["deployment"] = self._deployment(t)
+                    if ddp.is_main():
+                        self.rundir.store(t.name, key, hit)
+                out[t.name] = self._with_pairing(t.name, hit)
                 continue
             self.log.info(f"[evaluate] {t.name}")
             res = evaluate_model(
@@ -319,10 +344,22 @@ class Pipeline:
             )
             res.update({"role": t.role, "model": model_name(t.model),
                         "params": count_params(t.model), "checkpoint": str(t.checkpoint)})
+            res["deployment"] = self._deployment(t)  # cached with the evaluation: a re-run reports the same numbers
             if key is not None and ddp.is_main():
                 self.rundir.store(t.name, key, res)
-            out[t.name] = res
+            out[t.name] = self._with_pairing(t.name, res)
         return out
+
+    def _deployment(self, t: Trained) -> dict[str, Any]:
+        """Params, FLOPs, size on disk and CPU latency of a trained model (:mod:`indistill.deploy`)."""
+        from .deploy import deployment_stats
+
+        return deployment_stats(t.model, self.input_shape, checkpoint=t.checkpoint,
+                                repeats=self.cfg.evaluate.latency_repeats)
+
+    def _with_pairing(self, name: str, res: dict[str, Any]) -> dict[str, Any]:
+        """An arm's results with the stage pairs it distilled (made this invocation, so never stale)."""
+        return {**res, "pairing": self.pairings[name]} if name in self.pairings else res
 
     def run(self, command: str = "indistill run") -> dict[str, Any]:
         """Validate, claim the run directory, run every stage, evaluate and report; returns the results dict."""

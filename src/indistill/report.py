@@ -12,6 +12,8 @@ import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import Config, to_dict
+from .deploy import deployment_ratios, deployment_table
+from .pairing import pairs_markdown
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
@@ -216,6 +218,7 @@ def write_report(
         "config": to_dict(cfg) if cfg is not None else None,
         "data_source": data_source,
         "models": models,
+        "deployment": deployment_ratios(models),  # student/teacher ratios and flags (per model: models[...].deployment)
     }
     atomic_write_json(run_dir / "results.json", out)
     pr = plot_pr_curves(models, plots / "pr_curves.png")
@@ -235,6 +238,12 @@ def write_report(
         md += [f"## Retrieval: {label}", "", results_table(models, protocol), ""]
     md += ["Top-1 is on the test split at the end of training (never the best epoch). Retrieval: database = training "
            "split without augmentation, queries = test split, features = the embedding tap. All numbers in percent.", ""]
+    deploy = deployment_table(models, out["deployment"])
+    if deploy:
+        md += ["## Deployment", "", deploy, ""]
+    for name, r in models.items():  # the stage pairs each arm distilled (warmup and KD method alike)
+        if r.get("pairing"):
+            md += [f"## Stage pairs: {name}", "", pairs_markdown(r["pairing"]), ""]
     if pr:
         md += [f"![precision-recall]({pr.relative_to(run_dir)})", ""]
     if train_plots:  # an evaluation (eval/<checkpoint>/) trains nothing: no curves, no empty line

@@ -22,14 +22,15 @@ from .engine import Stage, derive_seed
 from .errors import UserError
 from .methods import Method, MethodContext, create_method, get_method_class, pkt_loss
 from .models import Taps, model_taps, tap_shapes
-from .pairing import pair_stage_taps, stage_taps
+from .pairing import TapPairs, pair_taps
 from .warmup import InDistillWarmup
 
 
 def model_meta(spec: ModelSpec, data: DataSplits, role: str, **extra: Any) -> dict[str, Any]:
     """What a checkpoint must know to be rebuilt and evaluated without retyping the config."""
     return {
-        "role": role, "arch": spec.name, "kwargs": dict(spec.kwargs), "taps": dict(spec.taps or {}),
+        "role": role, "arch": spec.name, "kwargs": dict(spec.kwargs),
+        "taps": spec.taps if isinstance(spec.taps, str) else dict(spec.taps or {}),  # a mapping, or "auto"
         "dataset": data.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
         "image_size": data.image_size, **extra,
     }
@@ -54,6 +55,7 @@ class HookedStage(Stage):
     """A stage whose forward hooks are removed by :meth:`close` once it has run."""
 
     hooks: tuple[Taps, ...] = ()
+    pairs: TapPairs | None = None  # an arm's stage pairs (its warmup and KD method read the same)
 
     def close(self) -> None:
         for h in self.hooks:
@@ -86,17 +88,25 @@ def auxiliary_pkt_stage(aux: nn.Module, teacher: nn.Module, train: TrainSpec, *,
 
 
 def method_taps(cls: type[Method], source: nn.Module, student: nn.Module,
-                pairs: dict[str, str] | None) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """The teacher and student tap specs ``cls.uses`` reads (only those), and the paired stage taps."""
+                pairs: TapPairs | dict[str, str] | None, input_shape: tuple[int, ...] | None = None
+                ) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The teacher and student tap specs ``cls.uses`` reads (only those), and the paired stage taps.
+
+    ``pairs`` is the arm's :class:`~indistill.pairing.TapPairs` (the warmup's too); explicit pairs or None
+    are paired here (:func:`~indistill.pairing.pair_taps`, which needs ``input_shape``).
+    """
     t_specs, s_specs = model_taps(source), model_taps(student)
     t_want: dict[str, str] = {}
     s_want: dict[str, str] = {}
     stages: list[str] = []
     if "stages" in cls.uses:
-        paired = pair_stage_taps(source, student, pairs)
-        t_want.update({s: t_specs[t] for t, s in paired.items()})
-        s_want.update({s: s_specs[s] for s in paired.values()})
-        stages = [s for s in stage_taps(student) if s in paired.values()]
+        if not isinstance(pairs, TapPairs):
+            if input_shape is None:
+                raise ValueError("method_taps needs input_shape to pair stage taps")
+            pairs = pair_taps(source, student, input_shape, pairs=pairs)
+        t_want.update({s: t_specs[t] for t, s in pairs.items()})
+        s_want.update({s: s_specs[s] for s in pairs.values()})
+        stages = pairs.student_taps
     for k in ("embedding", "logits"):
         if k in cls.uses:
             for role, specs in (("teacher", t_specs), ("student", s_specs)):
@@ -108,12 +118,12 @@ def method_taps(cls: type[Method], source: nn.Module, student: nn.Module,
     return t_want, s_want, stages
 
 
-def build_method(arm: ArmSpec, source: nn.Module, student: nn.Module, *, pairs: dict[str, str] | None,
+def build_method(arm: ArmSpec, source: nn.Module, student: nn.Module, *, pairs: TapPairs | dict[str, str] | None,
                  input_shape: tuple[int, ...], data: DataSplits, epochs: int, seed: int, stage_name: str
                  ) -> tuple[Method, dict[str, str], dict[str, str]]:
     """The arm's KD method, its trainable extras initialised from a generator of (seed, stage name)."""
     cls = get_method_class(arm.method or "")
-    t_want, s_want, stages = method_taps(cls, source, student, pairs)
+    t_want, s_want, stages = method_taps(cls, source, student, pairs, input_shape)
     ctx = MethodContext(
         student_shapes=tap_shapes(student, s_want, input_shape) if s_want else {},
         teacher_shapes=tap_shapes(source, t_want, input_shape) if t_want else {},
@@ -160,7 +170,7 @@ def reset_epochs(mode: str, warmup: InDistillWarmup | None, epochs: int) -> tupl
 def arm_stage(arm: ArmSpec, student: nn.Module, source: nn.Module, *, warmup: InDistillWarmup | None,
               method: Method, t_want: dict[str, str], s_want: dict[str, str], train: TrainSpec,
               optimizer_reset: str = "phase", warmup_spec: WarmupSpec | None = None, evaluate=None,
-              meta=None) -> HookedStage:
+              meta=None, pairs: TapPairs | None = None) -> HookedStage:
     """One student arm as ONE stage: epochs ``[0, W)`` run the warmup, ``[W, E)`` the KD method; the
     optimizer's state is cleared at :func:`reset_epochs` (the learning-rate schedule never is)."""
     check_budget(arm, warmup, train)
@@ -191,4 +201,5 @@ def arm_stage(arm: ArmSpec, student: nn.Module, source: nn.Module, *, warmup: In
         arm.name, student, loss_fn, train, extra=method, frozen=frozen, phase=phase, evaluate=evaluate,
         eval_epochs=(lambda e: e >= W or eval_warm), reset_optimizer_at=reset_epochs(optimizer_reset, warmup, train.epochs),
         meta=dict(meta or {}), hooks=tuple(h for h in (s_taps, t_taps) if h is not None), warmup=warmup,
+        pairs=pairs,
     )

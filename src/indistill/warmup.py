@@ -23,7 +23,7 @@ from .data.base import Batch
 from .errors import UserError
 from .methods import pkt_loss
 from .models import Taps, model_taps
-from .pairing import pair_stage_taps, stage_taps
+from .pairing import TapPairs, pair_taps
 from .prune import PrunedTeacher, prune_to_student
 from .registry import Registry
 
@@ -104,10 +104,11 @@ class InDistillWarmup(nn.Module):
         return self.pruned.target(x, key)
 
 
-def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str]) -> Schedule:
-    """The curriculum of ``spec`` over the student taps paired in ``pairs`` (student order)."""
-    taps = spec.taps or [s for s in stage_taps(student) if s in pairs.values()]
-    missing = [t for t in taps if t not in pairs.values()]
+def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: TapPairs | Mapping[str, str]) -> Schedule:
+    """The curriculum of ``spec`` over the student taps paired in ``pairs`` (shallow to deep)."""
+    paired = pairs.student_taps if isinstance(pairs, TapPairs) else list(pairs.values())
+    taps = spec.taps or paired
+    missing = [t for t in taps if t not in paired]
     if missing:
         raise UserError(f"warmup.taps {missing} have no teacher tap paired in warmup.pairs; pair them or drop them")
     return default_schedule(
@@ -117,9 +118,11 @@ def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: dict[str, str])
 
 
 def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
-                 pruned_bn: str | None = None) -> InDistillWarmup:
+                 pruned_bn: str | None = None, pairs: TapPairs | None = None) -> InDistillWarmup:
     """Pair the taps, build the schedule and prune ``source`` (teacher or auxiliary) to the student's widths.
 
+    ``pairs`` is the arm's :class:`~indistill.pairing.TapPairs` (the KD method reads the same); without it
+    they are made here from ``spec.pairs`` / ``spec.resize`` (:func:`~indistill.pairing.pair_taps`).
     ``pruned_bn`` (an arm's resolved choice) wins over ``spec.pruned_bn`` and ``spec.reference``'s default.
     """
     from .config import REFERENCES
@@ -127,11 +130,14 @@ def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_
     bn = pruned_bn or spec.pruned_bn or REFERENCES[spec.reference]["pruned_bn"]
     if "embedding" not in model_taps(source) and spec.embedding_epochs:
         raise UserError("the warmup's embedding phase needs an 'embedding' tap on the teacher; name it in its taps")
-    pairs = pair_stage_taps(source, student, spec.pairs)
+    if pairs is None:
+        pairs = pair_taps(source, student, input_shape, pairs=spec.pairs, resize=spec.resize)
     schedule = warmup_schedule(spec, student, pairs)
     used = {p.tap for p in schedule}
+    distilled = pairs.restricted([s for s in pairs.student_taps if s in used])
+    distilled.check_prunable()  # once, with the pairing's own words, before the pruning's dry forwards
     pruned = prune_to_student(
-        source, student, {t: s for t, s in pairs.items() if s in used}, importance=spec.importance,
+        source, student, dict(distilled), importance=spec.importance,
         producers=spec.producers or None, input_shape=input_shape, resize=spec.resize, bn=bn,
     )
     return InDistillWarmup(pruned, schedule)

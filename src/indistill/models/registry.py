@@ -29,10 +29,14 @@ FACTORY_SIGNATURE = "f(num_classes=, in_channels=, **kwargs) -> nn.Module"
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A registered model: its factory ``f(num_classes, in_channels, **kw)`` and its taps (of the built model)."""
+    """A registered model: its factory ``f(num_classes, in_channels, **kw)`` and its taps (of the built model).
+
+    ``taps`` returning None means the model has none registered: they are found by a dry forward
+    (:mod:`indistill.models.auto`), as for ``timm:`` / ``torchvision:`` models.
+    """
 
     factory: Callable[..., nn.Module]
-    taps: Callable[[nn.Module], dict[str, str]]
+    taps: Callable[[nn.Module], dict[str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,21 @@ def _load_zoo() -> None:
     from . import zoo  # noqa: F401
 
 
-MODELS: Registry[ZooEntry] = Registry("model", loader=_load_zoo, group="indistill.models", hint="see `indistill models`")
+def _external(name: str) -> ZooEntry | None:
+    """``timm:<model>`` / ``torchvision:<model>``: built by name, taps found (not registered)."""
+    from .external import build_external, is_external
+
+    if not is_external(name):
+        return None
+    return ZooEntry(lambda num_classes, in_channels=3, **kw: build_external(name, num_classes, in_channels, **kw),
+                    lambda _m: None)
+
+
+MODELS: Registry[ZooEntry] = Registry("model", loader=_load_zoo, group="indistill.models",
+                                      hint="see `indistill models`, or timm:<model> / torchvision:<model>",
+                                      fallback=_external)
+#: the input size taps are found at when a model is built without one (ImageNet's)
+DEFAULT_INPUT_SHAPE = (3, 224, 224)
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, ModelRecord]" = weakref.WeakKeyDictionary()
 
 
@@ -94,12 +112,24 @@ def model_aliases() -> dict[str, str]:
     return MODELS.aliases()
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, **kw: Any) -> nn.Module:
-    """Build a zoo model and record its taps and name (:func:`model_taps`, :func:`model_name`)."""
+def create_model(name: str, num_classes: int, in_channels: int = 3, *, input_shape: tuple[int, ...] | None = None,
+                 taps: Mapping[str, str] | str | None = None, **kw: Any) -> nn.Module:
+    """Build a zoo (or ``timm:`` / ``torchvision:``) model and record its taps and name (:func:`model_taps`,
+    :func:`model_name`).
+
+    ``taps`` (a config's) update the registered ones; a model without registered taps, or ``taps="auto"``,
+    gets them found by one dry forward at ``input_shape`` (C, H, W; default ``in_channels`` x 224 x 224).
+    """
+    from .auto import resolve_taps
+
     entry = MODELS.get(name)
     name = MODELS.canonical(name)
     model = call_factory(entry.factory, name, num_classes=num_classes, in_channels=in_channels, **kw)
-    return declare_model(model, entry.taps(model), name)
+    shape = tuple(input_shape) if input_shape is not None else (in_channels, *DEFAULT_INPUT_SHAPE[1:])
+    registered = entry.taps(model)
+    if registered is None or taps is not None:
+        return declare_model(model, resolve_taps(model, taps, shape, registered), name)
+    return declare_model(model, registered, name)
 
 
 def _first_line(e: BaseException) -> str:
