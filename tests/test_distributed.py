@@ -37,6 +37,7 @@ ATOL, RTOL = 1e-5, 1e-4
 CONFIG = """
 seed: 0
 device: cpu
+precision: fp32  # the equivalence under test is data-parallel vs one process, at full precision
 progress: false
 data: {name: digits, batch_size: 32, eval_batch_size: 64, train_subset: 203, test_subset: 60}
 teacher:

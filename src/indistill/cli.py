@@ -103,6 +103,9 @@ def cmd_train(args) -> int:
         results = p.evaluate([Trained("model", model, "model", ckpt)])
         ddp.on_main(lambda: write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
                                          data_source=getattr(p.data, "source", None), trained=fresh))
+    except UserError as e:
+        p.rundir.record_failure(str(e))  # the corrected command may then take the directory (RunDir.check)
+        raise
     finally:
         p.release()
     if not ddp.is_main():
@@ -292,7 +295,10 @@ def cmd_datasets(_args) -> int:
 def cmd_layers(args) -> int:
     from .models import create_model, model_taps
 
-    model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    size = args.image_size
+    # a model without registered taps (timm:, torchvision:) has them found at this input size
+    model = create_model(args.model, num_classes=args.num_classes, in_channels=args.in_channels,
+                         input_shape=(args.in_channels, size, size) if size else None)
     print("taps:")
     for k, v in model_taps(model).items():
         print(f"  {k}: {v}")
@@ -343,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("methods", "list the KD methods and their parameters", cmd_methods, config=False)
     add("models", "list the model zoo", cmd_models, config=False)
     add("datasets", "list the datasets", cmd_datasets, config=False)
-    p = add("layers", "list a zoo model's taps and module paths", cmd_layers, config=False)
+    p = add("layers", "list a model's taps and module paths (zoo, timm:<model>, torchvision:<model>)", cmd_layers,
+            config=False)
     p.add_argument("model")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side the taps of a model without registered ones are found at (default 224)")
     _add_grid(add)
     _add_deploy(add)
     add("schema", "print the config reference (every key, type, default, meaning) as markdown", cmd_schema,

@@ -87,7 +87,7 @@ class ModelSpec:
 class TeacherSpec(ModelSpec):
     """The teacher: trained with cross-entropy here, or loaded from ``checkpoint``."""
 
-    name: str = "cnn32"  # a zoo model or module.path:factory
+    name: str = "cnn32"  # a zoo model, timm:<model>, torchvision:<model> or module.path:factory
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy training
 
 
@@ -96,7 +96,7 @@ class AuxiliarySpec(ModelSpec):
     """Stage 0: the auxiliary is trained with cross-entropy, then taught by the teacher with PKT."""
 
     enabled: bool = False  # use an auxiliary between teacher and student
-    name: str = "cnn32"  # a zoo model or module.path:factory
+    name: str = "cnn32"  # a zoo model, timm:<model>, torchvision:<model> or module.path:factory
     ce: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy stage
     pkt: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # then PKT from the teacher's embedding
     pkt_variant: str = "reference"  # reference | original
@@ -133,7 +133,7 @@ class WarmupSpec:
 
     mode: str = "indistill"  # the default of every arm that does not set `warmup`: indistill | none
     taps: list[str] | None = None  # student stage taps, shallow to deep (default: all paired stage taps)
-    pairs: dict[str, str] | None = None  # teacher tap -> student tap (default: stage taps with the same name)
+    pairs: dict[str, str] | None = None  # teacher tap -> student tap (default: automatic, equal H x W shallow to deep; see `indistill pair`)
     a: int = 2  # phase k lasts a + k epochs
     phase_epochs: list[int] | None = None  # explicit epochs per tap phase (instead of a + k)
     embedding_epochs: int = 0  # 0: the KD method itself follows the tap phases (the reference)
@@ -142,7 +142,7 @@ class WarmupSpec:
     embedding_loss: str = "pkt"  # pkt | pkt_original (or a plug-in's warmup loss)
     importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
     producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
-    resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; see prune.resize_map)
+    resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; automatic pairs then go by depth)
     evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
     # What the method description leaves open, as described (docs/spec.md, "Open choices") or as the authors' code does:
     reference: str = "described"  # described | authors: the defaults of optimizer_reset and pruned_bn (docs/method.md)

@@ -10,6 +10,7 @@ as a table and as the YAML block that pins it (``indistill pair``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,8 @@ class TapPair:
 
 
 def _spread(n: int, k: int) -> list[int]:
-    """``k`` of ``range(n)`` evenly spaced, ending at the deepest (``n - 1``)."""
-    return [round((i + 1) * n / k) - 1 for i in range(k)] if k else []
+    """``k`` of ``range(n)`` evenly spaced, ending at the deepest (``n - 1``); halves round up."""
+    return [math.floor((i + 1) * n / k + 0.5) - 1 for i in range(k)] if k else []
 
 
 class TapPairs(Mapping[str, str]):
