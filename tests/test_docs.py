@@ -49,6 +49,8 @@ def _argv(line: str, tmp: Path) -> list[str]:
         return argv
     if argv[0] == "evaluate":  # the run it reads was made by an earlier command of the same docs (cwd = tmp)
         return [*argv, "evaluate.protocols=[standard]", "evaluate.metrics=[cosine]"]
+    if argv[0] == "export":  # likewise; it takes no config overrides
+        return argv
     argv = [a for a in argv if not a.startswith("out_dir=")]
     extra = [f"out_dir={tmp / 'runs'}", *TINY]
     if argv[0] == "grid":

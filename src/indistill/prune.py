@@ -47,6 +47,7 @@ from torch import nn
 from .errors import UserError, suggest
 from .models.registry import model_record
 from .models.taps import OUTPUT, Taps, parse_spec, resolve_module, tap_shapes
+from .pairing import PASSTHROUGH, normalise_pairs
 
 __all__ = [
     "IMPORTANCE_MODES",
@@ -65,8 +66,8 @@ IMPORTANCE_MODES = ("l1", "group")
 RESIZE_MODES = (None, "avgpool", "bilinear")
 #: how a pruned tap's BatchNorm normalises (see :class:`PrunedTeacher`)
 PRUNED_BN_MODES = ("teacher", "authors")
-# Taps passed through unpruned so that a KD stage gets them from the same teacher forward.
-PASSTHROUGH = ("embedding", "logits")
+# PASSTHROUGH (from pairing, its one definition): taps passed through unpruned so that a KD stage gets them from
+# the same teacher forward.
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -507,20 +508,8 @@ def _specs_of(model: nn.Module, explicit: Mapping[str, str] | None, role: str) -
 
 
 def _normalise_pairs(pairs: Mapping[str, str] | Sequence[str] | None, t_specs, s_specs) -> dict[str, str]:
-    if pairs is None:
-        pairs = [n for n in t_specs if n in s_specs and n not in PASSTHROUGH]
-        if not pairs:
-            raise UserError("teacher and student share no stage tap names; pass pairs={teacher_tap: student_tap}")
-    if not isinstance(pairs, Mapping):
-        pairs = {n: n for n in pairs}
-    for t, s in pairs.items():
-        if t not in t_specs:
-            raise UserError(f"teacher has no tap '{t}'{suggest(t, t_specs)}; teacher taps: {', '.join(t_specs)}")
-        if s not in s_specs:
-            raise UserError(f"student has no tap '{s}'{suggest(s, s_specs)}; student taps: {', '.join(s_specs)}")
-    if len(set(pairs.values())) != len(pairs):
-        raise UserError(f"two teacher taps map to the same student tap in pairs {dict(pairs)}; pair each student tap once")
-    return dict(pairs)
+    # One implementation of the checks (pairing.normalise_pairs); a TapPairs is a mapping and passes as one.
+    return normalise_pairs(pairs, t_specs, s_specs)
 
 
 def prune_to_student(

@@ -51,7 +51,6 @@ class ModuleOutput:
     out_shape: tuple[int, ...] | None  # None when the output is not a tensor
     input_from_module: bool  # the input tensor was some module's output (not the model input or a functional op)
     global_pool: bool
-    out_id: int = -1  # identity of the output tensor during the trace
     mutated: bool = False  # an in-place op changed the output after the module returned it
 
     @property
@@ -119,7 +118,6 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> Trace:
                            from_module, _is_global_pool(m, out))
         if is_t:
             produced[id(out)] = out
-            rec.out_id = id(out)
             versions.append((rec, out, out._version))
         if isinstance(m, nn.Linear):
             last_linear.append(path)
@@ -132,7 +130,7 @@ def trace_model(model: nn.Module, input_shape: Sequence[int]) -> Trace:
     model.eval()
     try:
         out = model(torch.zeros(2, *input_shape, device=_device(model)))
-    except RuntimeError as e:  # the input does not fit the model
+    except (RuntimeError, ValueError, AssertionError) as e:  # the input does not fit the model (timm asserts sizes)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{type(model).__name__} cannot take inputs of shape {tuple(input_shape)} ({first}); choose a "
                         f"model for this image size and channel count, or resize the data") from None
@@ -156,7 +154,7 @@ def _halvings(big: int, small: int) -> int:
 def _levels(trace: Trace, calls: Sequence[ModuleOutput]) -> dict[Res, int]:
     """Downsampling level of every spatial size ``calls`` output: the input is level 0; a map at most half
     the size of the map before it is a level (or several) deeper; a few pixels less (an unpadded conv) is not."""
-    c, h, w = (list(trace.input_shape) + [1, 1])[:3]
+    h, w = trace.input_shape[1], trace.input_shape[2]
     levels: dict[Res, int] = {(h, w): 0}
     cur, level = (h, w), 0
     for call in calls:

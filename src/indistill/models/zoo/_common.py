@@ -77,11 +77,13 @@ class MaxPool2d(nn.MaxPool2d):
     128x16x13x13 at one thread: 3.5 ms vs 1.2 ms), while the convolutions and
     BatchNorm around it are fastest in NCHW. The layout copies cost less than
     the difference. Output and gradient are the same tensors as the plain
-    module's (max and its argmax are exact); elsewhere the plain module runs.
+    module's (max and its argmax are exact); elsewhere (and while traced for export) the plain module runs.
     """
 
     def forward(self, x):  # type: ignore[override]
-        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not self.return_indices:
+        # Tracing (TorchScript, ONNX export) cannot record a Python autograd.Function: the plain op there.
+        if (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not self.return_indices
+                and not torch.jit.is_tracing()):
             stride = self.stride if self.stride is not None else self.kernel_size
             return _ChannelsLastMaxPool.apply(
                 x, _pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode
