@@ -12,6 +12,8 @@ from .errors import UserError
 from .evaluate import classification_metrics, evaluate_model, extract_features, retrieval_metrics
 from .methods import Method, MethodContext, create_method, list_methods, pkt_loss, register_method
 from .models import Taps, create_model, list_models, model_taps, register_model, tap_shapes
+from .models.auto import discover_taps
+from .pairing import TapPairs, pair_taps
 from .prune import PrunedTeacher, prune_to_student
 from .warmup import InDistillWarmup, build_warmup
 from .engine import Engine, Stage
@@ -25,4 +27,5 @@ __all__ = [
     "UserError", "classification_metrics", "evaluate_model", "extract_features", "retrieval_metrics", "Method",
     "MethodContext", "create_method", "list_methods", "pkt_loss", "register_method", "Taps", "create_model",
     "list_models", "model_taps", "register_model", "tap_shapes", "PrunedTeacher", "prune_to_student",
+    "discover_taps", "TapPairs", "pair_taps",
 ]

@@ -193,6 +193,9 @@ def cmd_evaluate(args) -> int:
         label = "standard metrics" if protocol == "standard" else "the authors' evaluation protocol"
         print(f"## Retrieval: {label}\n\n{results_table(results, protocol)}\n")
     print("Top-1 on the test split; retrieval: database = training split, queries = test split; in percent.\n")
+    from .deploy import deployment_table
+
+    print(f"## Deployment\n\n{deployment_table(results)}\n")
     print(f"written: {target / 'eval'}/<checkpoint>/ (results.json, results.md, plots/) for "
           f"{', '.join(p.name for p in written)}")
     return 0
@@ -282,6 +285,7 @@ def cmd_models(_args) -> int:
     for name in list_models():
         also = aliases.get(name)
         print(f"{name}  (also: {', '.join(also)})" if also else name)
+    print("and any timm:<model> (pip install 'indistill[timm]') or torchvision:<model> classifier, taps found")
     return 0
 
 
@@ -329,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "the pipeline: teacher -> auxiliary -> student arms (warmup + KD) -> evaluate", cmd_run)
     p.add_argument("--defaults", action="store_true",
                    help="run the built-in defaults (`indistill schema`) when no CONFIG is given")
-    p = sub.add_parser("demo", help="offline demo on the embedded digits data (a few minutes on 2 cores)",
-                       description="offline demo on the embedded digits data (a few minutes on 2 cores)")
+    p = sub.add_parser("demo", help="offline demo on the embedded digits data (about a minute of training on 2 idle cores)",
+                       description="offline demo on the embedded digits data (about a minute of training on 2 idle cores)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=cmd_demo)
     add("train", "supervised training of `model` on `data` (Adam 2e-3 + cosine by default)", cmd_train)

@@ -61,7 +61,8 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: S
     try:
         with torch.inference_mode():
             for b in batch_sizes:
-                x = torch.randn(int(b), *input_shape)
+                # a generator of its own: timing must not move the global random stream of a run
+                x = torch.randn(int(b), *input_shape, generator=torch.Generator().manual_seed(0))
                 for _ in range(max(0, warmup)):
                     m(x)
                 times = []
