@@ -96,6 +96,18 @@ def test_paired_statistics_by_hand():
     assert s["paired"]["w"]["metrics"]["top1"]["values"] == [1.0, 0.5]
 
 
+
+def test_an_arm_without_warmup_is_paired_only_with_the_baselines_it_names():
+    from indistill.grid import comparisons
+
+    arms = [ArmSpec("pkt", "none", "pkt", {}), ArmSpec("pkt_epoch", "none", "pkt", {}, baseline=["pkt"]),
+            ArmSpec("w", "indistill", "pkt", {}, baseline=["pkt", "pkt_epoch"]), ArmSpec("c", "none", "ce", {})]
+    assert comparisons(arms) == [("pkt_epoch", "pkt_epoch", "pkt"), ("w vs pkt", "w", "pkt"),
+                                 ("w vs pkt_epoch", "w", "pkt_epoch")]
+    s = summarise({0: {"pkt": {"top1": 80.0}, "pkt_epoch": {"top1": 80.5}, "w": {"top1": 81.0}},
+                   1: {"pkt": {"top1": 82.0}, "pkt_epoch": {"top1": 81.0}, "w": {"top1": 82.5}}}, arms)
+    assert s["paired"]["pkt_epoch"]["metrics"]["top1"]["values"] == [0.5, -1.0]
+
 def test_grid_eta_weights_each_arm_by_its_own_finished_cells():
     from indistill.grid import grid_eta
 

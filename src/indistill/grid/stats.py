@@ -39,12 +39,13 @@ def comparisons(arms: list[ArmSpec]) -> list[tuple[str, str, str]]:
     """``(key, warmup arm, baseline arm)`` for every paired comparison a grid reports.
 
     A warmup arm is compared with the arms its ``baseline`` names or, without one, the first arm with
-    the same method and params but no warmup. The key is the warmup arm's name, or
-    ``"<warm> vs <base>"`` for each baseline of an arm that names several.
+    the same method and params but no warmup. An arm without a warmup is compared only with the arms its
+    ``baseline`` names (e.g. PKT with a new Adam every epoch against plain PKT). The key is the arm's name,
+    or ``"<arm> vs <base>"`` for each baseline of an arm that names several.
     """
     out = []
     for a in arms:
-        if a.warmup != "indistill":
+        if a.warmup != "indistill" and not a.baseline:
             continue
         bases = list(a.baseline or [])
         if not bases:
