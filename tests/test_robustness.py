@@ -242,9 +242,13 @@ def _numeric_fields() -> set[tuple[str, str]]:
     return found
 
 
+def _field(cls_name: str, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(getattr(config_mod, cls_name))}[name]
+
+
 def test_every_numeric_key_has_a_range():
-    missing = sorted(_numeric_fields() - set(config_mod._RANGES))
-    assert not missing, f"add these numeric keys to config._RANGES: {missing}"
+    missing = sorted(k for k in _numeric_fields() if "range" not in _field(*k).metadata)
+    assert not missing, f"give these numeric keys a range (opt(..., ge=...)): {missing}"
     assert ("TrainSpec", "epochs") in _numeric_fields()  # the walk does find nested specs
 
 
@@ -297,9 +301,11 @@ def test_boundary_values_are_accepted(override):
     load_config(None, [override])
 
 
-def test_range_check_uses_class_and_field_and_skips_unknown_classes(monkeypatch):
-    monkeypatch.setitem(config_mod._RANGES, ("NoSuchSpec", "x"), config_mod._AT_LEAST_1)  # harmless
-    monkeypatch.setitem(config_mod._RANGES, ("DataSpec", "batch_size"), config_mod._Range(0, hi=64))
+def test_range_check_reads_the_fields_own_metadata(monkeypatch):
+    import types
+
+    f = _field("DataSpec", "batch_size")
+    monkeypatch.setattr(f, "metadata", types.MappingProxyType({**f.metadata, "range": config_mod._Range(0, hi=64)}))
     assert load_config(None, ["data.batch_size=64"]).data.batch_size == 64
     with pytest.raises(UserError, match="data.batch_size: 65 is out of range; valid: >= 0 and <= 64"):
         load_config(None, ["data.batch_size=65"])

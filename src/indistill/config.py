@@ -2,262 +2,79 @@
 
 Every key is validated: a typo is a one-line ``UserError`` that names the key,
 the closest valid keys and the file it came from.
+
+Each field carries its own constraints, declared once beside it and read by the checks, by
+``indistill schema`` (docs/config.md) and by the error messages alike:
+
+- a fixed vocabulary is the field's type, ``Literal[...]`` (the vocabularies below are defined once
+  here and imported where they are used: ``PRECISIONS``, ``RETRIEVAL_METRICS``, ``PROTOCOLS``, ...);
+- a name looked up in a registry (methods, datasets, optimizers, schedulers, warmup losses and
+  schedules, rank metrics; plug-ins add to them) is ``opt(..., registry=KIND)``;
+- a numeric range is ``opt(..., ge=/gt=/le=/lt=)``, checked item by item for lists;
+- anything else (plain file names, tap specs) is ``opt(..., check=function)``;
+- the help text is ``opt(..., help=...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from .errors import UserError, brief, clip, suggest
 
+# ------------------------------------------------------------------------------------------ vocabularies
+# One vocabulary per concept: the Literal is the field's type, the tuple is what other modules import.
 
-@dataclass
-class OptimizerSpec:
-    """The optimizer of one stage (one per student arm)."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+WarmupMode = Literal["indistill", "none"]
+Reference = Literal["described", "authors"]
+OptimizerReset = Literal["none", "boundary", "phase", "epoch"]
+PrunedBN = Literal["teacher", "authors"]
+Importance = Literal["l1", "group"]
+Resize = Literal["avgpool", "bilinear"]
+PktVariant = Literal["reference", "original"]
+RetrievalMetric = Literal["cosine", "euclidean"]
+Protocol = Literal["standard", "reference"]
 
-    name: str = "adam"  # adam, adamw, sgd, or any torch.optim class by name (rmsprop, nadam, ...)
-    lr: float = 1e-3  # learning rate (> 0)
-    weight_decay: float = 0.0  # L2 penalty (>= 0)
-    momentum: float = 0.9  # SGD only
-    nesterov: bool = False  # SGD only
-    kwargs: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the optimizer (betas, eps, ...)
+#: autocast precisions (``precision``, ``*.train.precision``); ``auto``: bf16 where native, else fp32
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+#: ``warmup.mode`` / an arm's ``warmup``
+WARMUP_MODES: tuple[str, ...] = typing.get_args(WarmupMode)
+#: ``warmup.reference``: which reading of the choices the paper leaves open (see ``REFERENCES``)
+REFERENCE_MODES: tuple[str, ...] = typing.get_args(Reference)
+#: ``student.optimizer_reset``: when an arm's optimizer state is cleared (``stages.reset_epochs``)
+OPTIMIZER_RESETS: tuple[str, ...] = typing.get_args(OptimizerReset)
+#: ``warmup.pruned_bn``: the BatchNorm of a pruned tap (``prune.PrunedTeacher``)
+PRUNED_BN_MODES: tuple[str, ...] = typing.get_args(PrunedBN)
+#: ``warmup.importance``: how filters are ranked for pruning
+IMPORTANCE_MODES: tuple[str, ...] = typing.get_args(Importance)
+#: ``warmup.resize``: None (spatial sizes must match) or how a teacher map is resized to the student's
+RESIZE_MODES: tuple[str | None, ...] = (None, *typing.get_args(Resize))
+#: PKT's variants: ``auxiliary.pkt_variant``, ``warmup.pkt_variant`` and the PKT method's ``variant``
+PKT_VARIANTS: tuple[str, ...] = typing.get_args(PktVariant)
+#: retrieval similarities (``evaluate.metrics``)
+RETRIEVAL_METRICS: tuple[str, ...] = typing.get_args(RetrievalMetric)
+#: retrieval protocols (``evaluate.protocols``): standard metrics and the authors' evaluation
+PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
 
-
-@dataclass
-class SchedulerSpec:
-    """The learning-rate schedule, stepped once per epoch over the stage's epochs (an arm's whole budget)."""
-
-    name: str = "none"  # none, multistep, cosine, or any torch.optim.lr_scheduler class by name (exponential, ...)
-    milestones: list[int] = field(default_factory=list)  # multistep: epochs after which lr *= gamma
-    gamma: float = 0.1  # multistep: the factor
-    kwargs: dict[str, Any] = field(default_factory=dict)  # a torch scheduler's keyword arguments (gamma, step_size, ...)
-
-
-@dataclass
-class TrainSpec:
-    """How one stage trains: epochs, optimiser and learning-rate schedule."""
-
-    epochs: int = 10  # epochs of the stage (a student arm: its whole budget)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)  # see below
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)  # see below
-    eval_every: int = 1  # test top-1 every N epochs (0: never)
-    precision: str | None = None  # this stage's autocast (auto | fp32 | bf16 | fp16); default: the run's `precision`
-
-
-@dataclass
-class DataSpec:
-    """The dataset (`indistill datasets` lists them) and how it is batched."""
-
-    name: str = "digits"  # a registered dataset: digits, fashion_mnist, cifar10, cifar100, imagenet, imagefolder
-    root: str | None = None  # the folder to read; when set, the only place searched
-    download: bool = False  # allow torchvision to download (never by default)
-    batch_size: int = 128  # training batch (global, across processes)
-    eval_batch_size: int = 512  # feature extraction batch
-    train_subset: int | None = None  # a seeded, class-stratified subset of the training split
-    test_subset: int | None = None  # the same for the test split
-    num_workers: int = 2  # only for datasets read from files per batch (ImageFolder)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # the dataset's own options (e.g. digits: {image_size: 16})
-
-
-@dataclass
-class ModelSpec:
-    """A zoo model by name, ``timm:<model>`` / ``torchvision:<model>``, or a user model as ``module.path:factory``.
-
-    ``taps`` overrides or supplies tap specs (name -> module path, ``path:in``, or ``@output``); a model
-    without registered taps has them found at the data's input size (``taps: auto``, the default for it).
-    """
-
-    name: str = "cnn32_small"  # a zoo model (`indistill models`), timm:<model>, torchvision:<model> or module.path:factory
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
-    taps: dict[str, str] | str | None = None  # tap name -> module path / path:in / @output; auto: found by a dry forward (the default without registered taps)
-    checkpoint: str | None = None  # load trained weights from here instead of training
-    reset_head: bool = False  # with checkpoint: keep the fresh classifier when the class counts differ
-
-
-@dataclass
-class TeacherSpec(ModelSpec):
-    """The teacher: trained with cross-entropy here, or loaded from ``checkpoint``."""
-
-    name: str = "cnn32"  # a zoo model, timm:<model>, torchvision:<model> or module.path:factory
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy training
-
-
-@dataclass
-class AuxiliarySpec(ModelSpec):
-    """Stage 0: the auxiliary is trained with cross-entropy, then taught by the teacher with PKT."""
-
-    enabled: bool = False  # use an auxiliary between teacher and student
-    name: str = "cnn32"  # a zoo model, timm:<model>, torchvision:<model> or module.path:factory
-    ce: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # its cross-entropy stage
-    pkt: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20))  # then PKT from the teacher's embedding
-    pkt_variant: str = "reference"  # reference | original
-
-
-@dataclass
-class StudentSpec(ModelSpec):
-    """The student, and the ONE budget every arm trains under.
-
-    ``train.epochs`` is each arm's total: the warmup (if the arm has one) takes
-    its first epochs and the KD method the rest, under one optimizer and one
-    learning-rate schedule over absolute student epochs, identical for every arm.
-    ``optimizer_reset`` says when the optimizer's state (Adam's moments) is
-    cleared: ``none`` (one optimizer throughout), ``boundary`` (when the warmup
-    hands over to the KD method), ``phase`` (whenever the loss changes: every
-    curriculum phase and the boundary; the default of ``warmup.reference:
-    described``) or ``epoch`` (every epoch, as the authors' code re-creates Adam;
-    the default of ``warmup.reference: authors``). The schedule is never reset.
-    """
-
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=25))
-    optimizer_reset: str | None = None  # none | boundary | phase | epoch; null: warmup.reference's choice
-
-
-@dataclass
-class WarmupSpec:
-    """The InDistill curriculum every arm with ``warmup: indistill`` runs first (see docs/spec.md).
-
-    Phase k (1-based) distils student tap ``taps[k-1]`` for ``a + k`` epochs
-    (or ``phase_epochs[k-1]``) with ``tap_loss``; then, if ``embedding_epochs``
-    > 0, the embedding with ``embedding_loss``. Its length is the sum of those:
-    the KD method trains the rest of ``student.train.epochs``.
-    """
-
-    mode: str = "indistill"  # the default of every arm that does not set `warmup`: indistill | none
-    taps: list[str] | None = None  # student stage taps, shallow to deep (default: all paired stage taps)
-    pairs: dict[str, str] | None = None  # teacher tap -> student tap (default: automatic, equal H x W shallow to deep; see `indistill pair`)
-    a: int = 2  # phase k lasts a + k epochs
-    phase_epochs: list[int] | None = None  # explicit epochs per tap phase (instead of a + k)
-    embedding_epochs: int = 0  # 0: the KD method itself follows the tap phases (the reference)
-    schedule: str = "default"  # a registered curriculum (warmup.WARMUP_SCHEDULES): default = the paper's a + k
-    tap_loss: str = "mse"  # the loss of the tap phases (a registered warmup loss: mse, or a plug-in's)
-    embedding_loss: str = "pkt"  # pkt | pkt_original (or a plug-in's warmup loss)
-    importance: str = "l1"  # l1 | group (torch-pruning coupled groups)
-    producers: dict[str, str] = field(default_factory=dict)  # teacher tap -> producing conv path
-    resize: str | None = None  # None | avgpool | bilinear (opt-in when spatial sizes differ; automatic pairs then go by depth)
-    evaluate: bool = False  # test top-1 during the warmup epochs too (student.train.eval_every)
-    # What the method description leaves open, as described (docs/spec.md, "Open choices") or as the authors' code does:
-    reference: str = "described"  # described | authors: the defaults of optimizer_reset and pruned_bn (docs/method.md)
-    pruned_bn: str | None = None  # teacher | authors (batch statistics, gamma kept, beta 0); null: reference's choice
-
-
-@dataclass
-class KDSpec:
-    """Defaults of every arm: ``method`` for arms that name none; ``params`` keyed by method name
-    (``params: {dkd: {beta: 8}, pkt: {variant: original}}``), so parameters belong to their method."""
-
-    method: str = "pkt"  # `indistill methods` lists them; ce = cross-entropy only
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> its parameters
-
-
-@dataclass
-class ArmSpec:
-    """One student variant trained from the same teacher (and auxiliary).
-
-    Unset fields inherit the top-level defaults: ``warmup`` from ``warmup.mode``,
-    ``method`` from ``kd.method``, ``params`` from ``kd.params[method]``.
-    """
-
-    name: str = "student"  # a plain name: the stage, checkpoint and export name
-    warmup: str | None = None  # indistill | none
-    method: str | None = None  # any registered KD method, `ce` included
-    params: dict[str, Any] | None = None  # this arm's method parameters (default: kd.params[method])
-    reference: str | None = None  # described | authors (default: warmup.reference)
-    optimizer_reset: str | None = None  # none | boundary | phase | epoch (default: student.optimizer_reset)
-    pruned_bn: str | None = None  # teacher | authors (default: warmup.pruned_bn)
-    baseline: list[str] | None = None  # arms a grid pairs this one with (default: same method, no warmup)
-
-
-@dataclass
-class LoggingSpec:
-    """Optional loggers beside log.txt and metrics.jsonl."""
-
-    tensorboard: bool = False  # also write TensorBoard events to <run>/tb (pip install 'indistill[tensorboard]')
-
-
-@dataclass
-class EvalSpec:
-    """Evaluation: top-1 on the test split and retrieval (database = train split, queries = test split)."""
-
-    metrics: list[str] = field(default_factory=lambda: ["cosine", "euclidean"])  # retrieval similarities
-    protocols: list[str] = field(default_factory=lambda: ["standard", "reference"])  # standard and/or the authors'
-    ks: list[int] = field(default_factory=lambda: [1, 10, 100])  # precision@k
-    extra_metrics: list[str] = field(default_factory=list)  # more retrieval metrics by name: mrr, r_precision, a plug-in's
-    sources: bool = True  # also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)
-    latency_repeats: int = 10  # deployment view: timed CPU forwards per batch size (1 and 64), median reported; 0: no latency
-
-
-@dataclass
-class DistributedSpec:
-    """Data-parallel runs under ``torchrun`` (ignored in one process)."""
-
-    sync_bn: bool = False  # SyncBatchNorm over all ranks in the trained modules (CUDA only)
-
-
-@dataclass
-class Config:
-    """The whole run. ``indistill run`` uses teacher/auxiliary/student/warmup/kd/arms;
-    ``indistill train`` uses ``model`` and ``train``."""
-
-    name: str = "run"  # the run's name: a plain directory name
-    out_dir: str = "runs"  # the run directory is out_dir/name
-    seed: int = 0  # model init, data order and augmentation; a grid's first seed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # autocast: auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 | fp16
-    channels_last: bool = False  # NHWC memory format (faster convs with AMP on GPUs)
-    progress: bool = True  # progress bars on a terminal
-    data: DataSpec = field(default_factory=DataSpec)  # the dataset
-    model: ModelSpec = field(default_factory=ModelSpec)  # `indistill train`'s model
-    # `indistill train` (a plain supervised run) defaults to Adam 2e-3 annealed by a cosine schedule:
-    # on Fashion-MNIST, cnn32_small reached 87.95% in 10 epochs with Adam 1e-3 + cosine, 89.02% with 2e-3.
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(
-        optimizer=OptimizerSpec(lr=2e-3), scheduler=SchedulerSpec(name="cosine")))
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)  # the teacher
-    auxiliary: AuxiliarySpec = field(default_factory=AuxiliarySpec)  # the optional auxiliary teacher
-    student: StudentSpec = field(default_factory=StudentSpec)  # the student and every arm's budget
-    warmup: WarmupSpec = field(default_factory=WarmupSpec)  # the InDistill curriculum (arm default)
-    kd: KDSpec = field(default_factory=KDSpec)  # the KD method (arm default) and per-method params
-    arms: list[ArmSpec] = field(default_factory=list)  # student variants; default: one arm named student
-    evaluate: EvalSpec = field(default_factory=EvalSpec)  # what is measured
-    logging: LoggingSpec = field(default_factory=LoggingSpec)  # optional loggers
-    distributed: DistributedSpec = field(default_factory=DistributedSpec)  # torchrun options
-    # Stop a stage whose epoch loss exceeds this factor of its phase's first epoch (an exploded but finite
-    # loss), keeping the last good checkpoint, as a non-finite loss does. 0 disables the check.
-    loss_guard: float = 1e4  # stop a stage whose epoch loss exceeds this x its phase's first (0: off)
-    # Modules imported before anything is built, so the methods, models, datasets, optimizers and warmup
-    # losses they register can be named in this config (`plugins: [mypackage.kd]`).
-    plugins: list[str] = field(default_factory=list)  # modules to import first (a user's registrations)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-
-_CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
-    ("Config", "precision"): ("auto", "fp32", "bf16", "fp16"),
-    ("StudentSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
-    ("WarmupSpec", "reference"): ("described", "authors"),
-    ("WarmupSpec", "pruned_bn"): (None, "teacher", "authors"),
-    ("ArmSpec", "reference"): (None, "described", "authors"),
-    ("ArmSpec", "optimizer_reset"): (None, "none", "boundary", "phase", "epoch"),
-    ("ArmSpec", "pruned_bn"): (None, "teacher", "authors"),
-    ("TrainSpec", "precision"): (None, "auto", "fp32", "bf16", "fp16"),
-    ("WarmupSpec", "mode"): ("indistill", "none"),
-    ("WarmupSpec", "importance"): ("l1", "group"),
-    ("WarmupSpec", "resize"): (None, "avgpool", "bilinear"),
-    ("AuxiliarySpec", "pkt_variant"): ("reference", "original"),
-    ("ArmSpec", "warmup"): (None, "indistill", "none"),
-    ("EvalSpec", "metrics"): ("cosine", "euclidean"),
-    ("EvalSpec", "protocols"): ("standard", "reference"),
+#: what ``warmup.reference`` sets where ``optimizer_reset`` / ``pruned_bn`` are left unset
+REFERENCES: dict[str, dict[str, str]] = {
+    "described": {"optimizer_reset": "phase", "pruned_bn": "teacher"},
+    "authors": {"optimizer_reset": "epoch", "pruned_bn": "authors"},
 }
+assert tuple(REFERENCES) == REFERENCE_MODES
+
+# ------------------------------------------------------------------------------------ field constraints
 
 
 class _Range(typing.NamedTuple):
@@ -276,44 +93,62 @@ class _Range(typing.NamedTuple):
         return not (self.hi is not None and (v > self.hi or (v == self.hi and not self.hi_incl)))
 
     def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
         parts = []
         if self.lo is not None:
-            parts.append(f"{'>=' if self.lo_incl else '>'} {self.lo:g}")
+            parts.append(f"{'>=' if self.lo_incl else '>'} {num(self.lo)}")
         if self.hi is not None:
-            parts.append(f"{'<=' if self.hi_incl else '<'} {self.hi:g}")
+            parts.append(f"{'<=' if self.hi_incl else '<'} {num(self.hi)}")
         return " and ".join(parts)
 
 
-_AT_LEAST_1 = _Range(1)
-_AT_LEAST_0 = _Range(0)
-_POSITIVE = _Range(0, lo_incl=False)
-
-# Numeric keys by (class name, field), like _CHOICES: a class missing here is simply not checked.
-# List fields are checked item by item; None (an unset optional) is always allowed.
-_RANGES: dict[tuple[str, str], _Range] = {
-    ("Config", "seed"): _Range(0, hi=2**32 - 1),  # numpy/sklearn seeds are 32-bit unsigned
-    ("DataSpec", "batch_size"): _AT_LEAST_1,
-    ("DataSpec", "eval_batch_size"): _AT_LEAST_1,
-    ("DataSpec", "train_subset"): _AT_LEAST_1,
-    ("DataSpec", "test_subset"): _AT_LEAST_1,
-    ("DataSpec", "num_workers"): _AT_LEAST_0,
-    ("TrainSpec", "epochs"): _AT_LEAST_1,  # teacher.train, auxiliary.ce/pkt, student.train, train
-    ("TrainSpec", "eval_every"): _AT_LEAST_0,  # 0: never
-    ("OptimizerSpec", "lr"): _POSITIVE,
-    ("OptimizerSpec", "weight_decay"): _AT_LEAST_0,
-    ("OptimizerSpec", "momentum"): _Range(0, hi=1, hi_incl=False),
-    ("SchedulerSpec", "milestones"): _AT_LEAST_1,
-    ("SchedulerSpec", "gamma"): _Range(0, lo_incl=False, hi=1),
-    ("WarmupSpec", "a"): _AT_LEAST_0,
-    ("WarmupSpec", "phase_epochs"): _AT_LEAST_1,
-    ("WarmupSpec", "embedding_epochs"): _AT_LEAST_0,  # 0: the arm's method follows the tap phases
-    ("Config", "loss_guard"): _AT_LEAST_0,  # 0: off
-    ("EvalSpec", "ks"): _AT_LEAST_1,
-    ("EvalSpec", "latency_repeats"): _AT_LEAST_0,  # 0: no latency measured
+#: registry kinds a field may name (``opt(registry=...)``) -> (module, attribute), imported when first checked
+REGISTRIES: dict[str, tuple[str, str]] = {
+    "method": ("methods.base", "METHODS"),
+    "dataset": ("data.base", "DATASETS"),
+    "optimizer": ("optim", "OPTIMIZERS"),
+    "scheduler": ("optim", "SCHEDULERS"),
+    "warmup loss": ("warmup", "WARMUP_LOSSES"),
+    "warmup schedule": ("warmup", "WARMUP_SCHEDULES"),
+    "rank metric": ("evaluate", "RANK_METRICS"),
 }
 
-# Keys that become file or directory names (the run directory, per-arm checkpoints and exports).
-_PLAIN_NAMES: set[tuple[str, str]] = {("Config", "name"), ("ArmSpec", "name")}
+
+def registry_of(kind: str) -> Any:
+    """The :class:`~indistill.registry.Registry` of ``kind`` (a key of ``REGISTRIES``)."""
+    module, attr = REGISTRIES[kind]
+    return getattr(importlib.import_module(f".{module}", __package__), attr)
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, help: str = "",
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+        registry: str | None = None, check: Callable[[Any, str], None] | None = None,
+        omit_default: bool = False) -> Any:
+    """A config field with its constraints beside it (see the module doc).
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (each item of a list); ``registry`` names the registry
+    (``REGISTRIES``) a name must resolve in; ``check(value, where)`` raises a ``UserError`` for anything
+    else; ``omit_default``: a written config leaves the field out while it holds its default.
+    """
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise ValueError("give ge or gt, le or lt, not both")
+    if registry is not None and registry not in REGISTRIES:
+        raise ValueError(f"unknown registry kind {registry!r}")
+    meta: dict[str, Any] = {"help": help}
+    if any(b is not None for b in (ge, gt, le, lt)):
+        meta["range"] = _Range(ge if ge is not None else gt, gt is None, le if le is not None else lt, lt is None)
+    if registry is not None:
+        meta["registry"] = registry
+    if check is not None:
+        meta["check"] = check
+    if omit_default:
+        meta["omit_default"] = True
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 # A path component holds at most 255 bytes (NAME_MAX of ext4, xfs, btrfs, tmpfs, ...). The longest file name a
 # plain name becomes is the temp file of an arm's export, `.<name>.safetensors.<8 random chars>.tmp` (mkstemp in
@@ -347,22 +182,287 @@ def _check_plain_name(value: str, where: str) -> None:
         )
 
 
-def _check_value(cls: type, key: str, value: Any, where: str) -> None:
-    """Range-check numeric keys (``_RANGES``) and plain-name keys (``_PLAIN_NAMES``)."""
-    name = (cls.__name__, key)
-    if key == "taps" and issubclass(cls, ModelSpec) and isinstance(value, str) and value != "auto":
+def _check_taps(value: Any, where: str) -> None:
+    """``taps``: a mapping, or the one word ``auto``."""
+    if isinstance(value, str) and value != "auto":
         raise UserError(f"{where}: {brief(value)} is neither auto nor a mapping of tap name -> module path")
-    if name in _PLAIN_NAMES and isinstance(value, str):
-        _check_plain_name(value, where)
-    rng = _RANGES.get(name)
-    if rng is None or value is None:
+
+
+# ------------------------------------------------------------------------------------------------ schema
+
+_MODEL_NAME = "a zoo model (`indistill models`), timm:<model>, torchvision:<model> or module.path:factory"
+
+
+@dataclass
+class OptimizerSpec:
+    """The optimizer of one stage (one per student arm)."""
+
+    name: str = opt("adam", registry="optimizer",
+                    help="adam, adamw, sgd, or any torch.optim class by name (rmsprop, nadam, ...)")
+    lr: float = opt(1e-3, gt=0, help="learning rate")
+    weight_decay: float = opt(0.0, ge=0, help="L2 penalty")
+    momentum: float = opt(0.9, ge=0, lt=1, help="SGD only")
+    nesterov: bool = opt(False, help="SGD only")
+    kwargs: dict[str, Any] = opt(factory=dict, help="more keyword arguments of the optimizer (betas, eps, ...)")
+
+
+@dataclass
+class SchedulerSpec:
+    """The learning-rate schedule, stepped once per epoch over the stage's epochs (an arm's whole budget)."""
+
+    name: str = opt("none", registry="scheduler",
+                    help="none, multistep, cosine, or any torch.optim.lr_scheduler class by name (exponential, ...)")
+    milestones: list[int] = opt(factory=list, ge=1, help="multistep: epochs after which lr *= gamma")
+    gamma: float = opt(0.1, gt=0, le=1, help="multistep: the factor")
+    kwargs: dict[str, Any] = opt(factory=dict, help="a torch scheduler's keyword arguments (gamma, step_size, ...)")
+
+
+@dataclass
+class TrainSpec:
+    """How one stage trains: epochs, optimiser and learning-rate schedule."""
+
+    epochs: int = opt(10, ge=1, help="epochs of the stage (a student arm: its whole budget)")
+    optimizer: OptimizerSpec = opt(factory=OptimizerSpec, help="see below")
+    scheduler: SchedulerSpec = opt(factory=SchedulerSpec, help="see below")
+    eval_every: int = opt(1, ge=0, help="test top-1 every N epochs (0: never)")
+    precision: Precision | None = opt(None, help="this stage's autocast; null: the run's `precision`")
+
+
+@dataclass
+class DataSpec:
+    """The dataset (`indistill datasets` lists them) and how it is batched."""
+
+    name: str = opt("digits", registry="dataset", help="a registered dataset: digits, fashion_mnist, cifar10, "
+                                                      "cifar100, imagenet, imagefolder, or a plug-in's")
+    root: str | None = opt(None, help="the folder to read; when set, the only place searched")
+    download: bool = opt(False, help="allow torchvision to download (never by default)")
+    batch_size: int = opt(128, ge=1, help="training batch (global, across processes)")
+    eval_batch_size: int = opt(512, ge=1, help="feature extraction batch")
+    train_subset: int | None = opt(None, ge=1, help="a seeded, class-stratified subset of the training split")
+    test_subset: int | None = opt(None, ge=1, help="the same for the test split")
+    num_workers: int = opt(2, ge=0, help="only for datasets read from files per batch (ImageFolder)")
+    kwargs: dict[str, Any] = opt(factory=dict, help="the dataset's own options (e.g. digits: {image_size: 16})")
+
+
+@dataclass
+class ModelSpec:
+    """A zoo model by name, ``timm:<model>`` / ``torchvision:<model>``, or a user model as ``module.path:factory``.
+
+    ``taps`` overrides or supplies tap specs (name -> module path, ``path:in``, or ``@output``); a model
+    without registered taps has them found at the data's input size (``taps: auto``, the default for it).
+    """
+
+    name: str = opt("cnn32_small", help=_MODEL_NAME)
+    kwargs: dict[str, Any] = opt(factory=dict, help="passed to the model's factory")
+    taps: dict[str, str] | str | None = opt(None, check=_check_taps, help=(
+        "tap name -> module path / path:in / @output; auto: found by a dry forward (the default without "
+        "registered taps)"))
+    checkpoint: str | None = opt(None, help="load trained weights from here instead of training")
+    reset_head: bool = opt(False, help="with checkpoint: keep the fresh classifier when the class counts differ")
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """The teacher: trained with cross-entropy here, or loaded from ``checkpoint``."""
+
+    name: str = opt("cnn32", help=_MODEL_NAME)
+    train: TrainSpec = opt(factory=lambda: TrainSpec(epochs=20), help="its cross-entropy training")
+
+
+@dataclass
+class AuxiliarySpec(ModelSpec):
+    """Stage 0: the auxiliary is trained with cross-entropy, then taught by the teacher with PKT."""
+
+    enabled: bool = opt(False, help="use an auxiliary between teacher and student")
+    name: str = opt("cnn32", help=_MODEL_NAME)
+    ce: TrainSpec = opt(factory=lambda: TrainSpec(epochs=20), help="its cross-entropy stage")
+    pkt: TrainSpec = opt(factory=lambda: TrainSpec(epochs=20), help="then PKT from the teacher's embedding")
+    pkt_variant: PktVariant = opt("reference", help="the PKT of that stage (as the PKT method's `variant`)")
+
+
+@dataclass
+class StudentSpec(ModelSpec):
+    """The student, and the ONE budget every arm trains under.
+
+    ``train.epochs`` is each arm's total: the warmup (if the arm has one) takes
+    its first epochs and the KD method the rest, under one optimizer and one
+    learning-rate schedule over absolute student epochs, identical for every arm.
+    ``optimizer_reset`` says when the optimizer's state (Adam's moments) is
+    cleared: ``none`` (one optimizer throughout), ``boundary`` (when the warmup
+    hands over to the KD method), ``phase`` (whenever the loss changes: every
+    curriculum phase and the boundary; the default of ``warmup.reference:
+    described``) or ``epoch`` (every epoch, as the authors' code re-creates Adam;
+    the default of ``warmup.reference: authors``). The schedule is never reset.
+    """
+
+    train: TrainSpec = opt(factory=lambda: TrainSpec(epochs=25),
+                           help="every arm's budget: warmup and KD method together")
+    optimizer_reset: OptimizerReset | None = opt(None, help="when the optimizer's state is cleared; "
+                                                            "null: warmup.reference's choice")
+
+
+@dataclass
+class WarmupSpec:
+    """The InDistill curriculum every arm with ``warmup: indistill`` runs first (see docs/spec.md).
+
+    Phase k (1-based) distils student tap ``taps[k-1]`` for ``a + k`` epochs
+    (or ``phase_epochs[k-1]``) with ``tap_loss``; then, if ``embedding_epochs``
+    > 0, the embedding with ``embedding_loss``. Its length is the sum of those:
+    the KD method trains the rest of ``student.train.epochs``.
+    """
+
+    mode: WarmupMode = opt("indistill", help="the default of every arm that does not set `warmup`")
+    taps: list[str] | None = opt(None, help="student stage taps, shallow to deep (default: all paired stage taps)")
+    pairs: dict[str, str] | None = opt(None, help="teacher tap -> student tap (default: automatic, equal H x W "
+                                                  "shallow to deep; see `indistill pair`)")
+    a: int = opt(2, ge=0, help="phase k lasts a + k epochs")
+    phase_epochs: list[int] | None = opt(None, ge=1, help="explicit epochs per tap phase (instead of a + k)")
+    embedding_epochs: int = opt(0, ge=0, help="0: the KD method itself follows the tap phases (the reference)")
+    schedule: str = opt("default", registry="warmup schedule",
+                        help="a registered curriculum (warmup.WARMUP_SCHEDULES): default = the paper's a + k")
+    tap_loss: str = opt("mse", registry="warmup loss",
+                        help="the loss of the tap phases (a registered warmup loss: mse, pkt, or a plug-in's)")
+    embedding_loss: str = opt("pkt", registry="warmup loss",
+                              help="the loss of the embedding phase (a registered warmup loss)")
+    pkt_variant: PktVariant = opt("reference", help="the PKT of the warmup's pkt phases (as the PKT method's "
+                                                    "`variant`; formerly embedding_loss: pkt_original)")
+    importance: Importance = opt("l1", help="filter ranking: L1 norm, or torch-pruning's coupled groups")
+    producers: dict[str, str] = opt(factory=dict, help="teacher tap -> producing conv path")
+    resize: Resize | None = opt(None, help="opt-in when spatial sizes differ (automatic pairs then go by depth)")
+    evaluate: bool = opt(False, help="test top-1 during the warmup epochs too (student.train.eval_every)")
+    # What the method description leaves open, as described (docs/spec.md, "Open choices") or as the authors' code does:
+    reference: Reference = opt("described", help="the defaults of optimizer_reset and pruned_bn (docs/method.md)")
+    pruned_bn: PrunedBN | None = opt(None, help="a pruned tap's BatchNorm: the teacher's own, or the authors' (batch "
+                                                "statistics, gamma kept, beta 0); null: reference's choice")
+
+
+@dataclass
+class KDSpec:
+    """Defaults of every arm: ``method`` for arms that name none; ``params`` keyed by method name
+    (``params: {dkd: {beta: 8}, pkt: {variant: original}}``), so parameters belong to their method."""
+
+    method: str = opt("pkt", registry="method", help="`indistill methods` lists them; ce = cross-entropy only")
+    params: dict[str, dict[str, Any]] = opt(factory=dict, help="method name -> its parameters")
+
+
+@dataclass
+class ArmSpec:
+    """One student variant trained from the same teacher (and auxiliary).
+
+    Unset fields inherit the top-level defaults: ``warmup`` from ``warmup.mode``,
+    ``method`` from ``kd.method``, ``params`` from ``kd.params[method]``.
+    """
+
+    name: str = opt("student", check=_check_plain_name, help="a plain name: the stage, checkpoint and export name")
+    warmup: WarmupMode | None = opt(None, help="default: warmup.mode")
+    method: str | None = opt(None, registry="method", help="any registered KD method, `ce` included "
+                                                           "(default: kd.method)")
+    params: dict[str, Any] | None = opt(None, help="this arm's method parameters (default: kd.params[method])")
+    reference: Reference | None = opt(None, help="default: warmup.reference")
+    optimizer_reset: OptimizerReset | None = opt(None, help="default: student.optimizer_reset")
+    pruned_bn: PrunedBN | None = opt(None, help="default: warmup.pruned_bn")
+    baseline: list[str] | None = opt(None, help="arms a grid pairs this one with (default: same method, no warmup)")
+
+
+@dataclass
+class LoggingSpec:
+    """Optional loggers beside log.txt and metrics.jsonl."""
+
+    tensorboard: bool = opt(False, help="also write TensorBoard events to <run>/tb (pip install 'indistill[tensorboard]')")
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation: top-1 on the test split and retrieval (database = train split, queries = test split)."""
+
+    metrics: list[RetrievalMetric] = opt(factory=lambda: list(RETRIEVAL_METRICS), help="retrieval similarities")
+    protocols: list[Protocol] = opt(factory=lambda: list(PROTOCOLS), help="standard metrics and/or the authors'")
+    ks: list[int] = opt(factory=lambda: [1, 10, 100], ge=1, help="precision@k")
+    extra_metrics: list[str] = opt(factory=list, registry="rank metric",
+                                   help="more retrieval metrics by name: mrr, r_precision, a plug-in's")
+    sources: bool = opt(True, help="also evaluate the teacher and auxiliary (a grid's cells evaluate only their student)")
+    latency_repeats: int = opt(10, ge=0, help="deployment view: timed CPU forwards per batch size (1 and 64), "
+                                              "median reported; 0: no latency")
+
+
+@dataclass
+class DistributedSpec:
+    """Data-parallel runs under ``torchrun`` (ignored in one process)."""
+
+    sync_bn: bool = opt(False, help="SyncBatchNorm over all ranks in the trained modules (CUDA only)")
+
+
+@dataclass
+class Config:
+    """The whole run. ``indistill run`` uses teacher/auxiliary/student/warmup/kd/arms;
+    ``indistill train`` uses ``model`` and ``train`` (``indistill evaluate`` a given ``model``).
+
+    The student pipeline never reads ``model`` and ``train``: a written config (a run's
+    ``config.yaml``) leaves them out while they hold their defaults, and reading it back restores them.
+    """
+
+    name: str = opt("run", check=_check_plain_name, help="the run's name: a plain directory name")
+    out_dir: str = opt("runs", help="the run directory is out_dir/name")
+    seed: int = opt(0, ge=0, le=2**32 - 1, help="model init, data order and augmentation; a grid's first seed "
+                                                "(32-bit unsigned, as numpy's)")
+    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    precision: Precision = opt("auto", help="autocast: auto = bf16 where the device runs it natively, else fp32")
+    channels_last: bool = opt(False, help="NHWC memory format (faster convs with AMP on GPUs)")
+    progress: bool = opt(True, help="progress bars on a terminal")
+    data: DataSpec = opt(factory=DataSpec, help="the dataset")
+    model: ModelSpec = opt(factory=ModelSpec, omit_default=True, help=(
+        "only `indistill train` (and `indistill evaluate` given model.*): the model it trains; left out of a "
+        "written config while at its default"))
+    # `indistill train` (a plain supervised run) defaults to Adam 2e-3 annealed by a cosine schedule (docs/config.md).
+    train: TrainSpec = opt(factory=lambda: TrainSpec(optimizer=OptimizerSpec(lr=2e-3),
+                                                     scheduler=SchedulerSpec(name="cosine")),
+                           omit_default=True, help=(
+        "only `indistill train`: its supervised training (default Adam 2e-3 + cosine); left out of a written "
+        "config while at its default"))
+    teacher: TeacherSpec = opt(factory=TeacherSpec, help="the teacher")
+    auxiliary: AuxiliarySpec = opt(factory=AuxiliarySpec, help="the optional auxiliary teacher")
+    student: StudentSpec = opt(factory=StudentSpec, help="the student and every arm's budget")
+    warmup: WarmupSpec = opt(factory=WarmupSpec, help="the InDistill curriculum (arm default)")
+    kd: KDSpec = opt(factory=KDSpec, help="the KD method (arm default) and per-method params")
+    arms: list[ArmSpec] = opt(factory=list, help="student variants; default: one arm named student")
+    evaluate: EvalSpec = opt(factory=EvalSpec, help="what is measured")
+    logging: LoggingSpec = opt(factory=LoggingSpec, help="optional loggers")
+    distributed: DistributedSpec = opt(factory=DistributedSpec, help="torchrun options")
+    loss_guard: float = opt(1e4, ge=0, help=(
+        "stop a stage whose epoch loss exceeds this x its phase's first epoch (an exploded but finite loss), "
+        "keeping the last good checkpoint as a non-finite loss does; 0: off"))
+    plugins: list[str] = opt(factory=list, help=(
+        "modules imported before anything is built, so the methods, models, datasets, optimizers and warmup "
+        "losses they register can be named here (e.g. [mypackage.kd])"))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str) -> None:
+    """The constraints in ``f.metadata`` (its type, ``Literal`` included, was checked by ``_coerce``)."""
+    if value is None:
         return
-    for i, v in enumerate(value if isinstance(value, list) else [value]):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue  # the type check has already reported non-numbers
-        if not rng.admits(v):
-            at = f"{where}[{i}]" if isinstance(value, list) else where
-            raise UserError(f"{at}: {brief(v)} is out of range; valid: {rng}")
+    meta = f.metadata
+    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    at = (lambda i: where if i is None else f"{where}[{i}]")
+    if "check" in meta:
+        meta["check"](value, where)
+    if "registry" in meta:
+        registry = registry_of(meta["registry"])
+        for i, v in items:
+            try:
+                registry.get(v)
+            except UserError as e:
+                raise UserError(f"{at(i)}: {e}") from None
+    rng = meta.get("range")
+    if rng is not None:
+        for i, v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # the type check has already reported non-numbers
+            if not rng.admits(v):
+                raise UserError(f"{at(i)}: {brief(v)} is out of range; valid: {rng}")
 
 
 def check_run_location(cfg: Config) -> None:
@@ -403,48 +503,34 @@ def _probe_run_location(out_dir: Path, run_dir: Path) -> None:
         raise UserError(f"cannot create run directory '{clip(str(run_dir))}': '{clip(str(parent))}' is not writable; set out_dir=... to a writable directory")
 
 
-def _check_registered(kind: str):
-    """A check that a name resolves in the registry of ``kind`` (imported when first used: no cycle)."""
-
-    def check(value: Any, where: str) -> None:
-        from . import evaluate, optim, warmup
-
-        registry = {"optimizer": optim.OPTIMIZERS, "scheduler": optim.SCHEDULERS, "loss": warmup.WARMUP_LOSSES,
-                    "schedule": warmup.WARMUP_SCHEDULES, "rank_metric": evaluate.RANK_METRICS}[kind]
-        for i, v in enumerate(value if isinstance(value, list) else [value]):
-            optim.check_name(registry, v, f"{where}[{i}]" if isinstance(value, list) else where)
-
-    return check
-
-
-# Keys whose valid values live in a registry (plug-ins add to them), checked when a config is read.
-_REGISTERED: dict[tuple[str, str], Any] = {
-    ("OptimizerSpec", "name"): _check_registered("optimizer"),
-    ("SchedulerSpec", "name"): _check_registered("scheduler"),
-    ("WarmupSpec", "tap_loss"): _check_registered("loss"),
-    ("WarmupSpec", "embedding_loss"): _check_registered("loss"),
-    ("WarmupSpec", "schedule"): _check_registered("schedule"),
-    ("EvalSpec", "extra_metrics"): _check_registered("rank_metric"),
-}
+def choices_of(tp: Any) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` type (or an optional one: None first) admits; None for any other type."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if rest and all(typing.get_origin(a) is Literal for a in rest):
+            values = tuple(v for a in rest for v in typing.get_args(a))
+            return ((None,) if type(None) in args else ()) + values
+    return None
 
 
-def _check_choice(cls: type, key: str, value: Any, where: str) -> None:
-    check = _REGISTERED.get((cls.__name__, key))
-    if check is not None and value is not None:
-        check(value, where)
-        return
-    choices = _CHOICES.get((cls.__name__, key))
-    if choices is None:
-        return
-    for v in value if isinstance(value, list) else [value]:
-        if v not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise UserError(f"{where}: {brief(str(v))} is not one of {shown}")
+def _not_one_of(value: Any, choices: tuple[Any, ...], where: str) -> UserError:
+    """The one-line error of a value outside a field's vocabulary, with the closest words."""
+    shown = ", ".join("null" if c is None else str(c) for c in choices)
+    close = suggest(value, [str(c) for c in choices if c is not None]) if isinstance(value, str) else ""
+    return UserError(f"{where}: {brief(value)} is not one of {shown}{close}")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check and convert ``value`` to annotation ``tp`` (dataclasses recursively)."""
     origin = typing.get_origin(tp)
+    choices = choices_of(tp)
+    if choices is not None:
+        if any(value is c if c is None else (isinstance(value, str) and value == c) for c in choices):
+            return value
+        raise _not_one_of(value, choices, where)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -517,8 +603,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
             # TrainSpec 10), so leaving a key out of YAML means the same as leaving the whole block out.
             value = _merge(to_dict(factory()), value)
         kwargs[key] = _coerce(hints[key], value, sub)
-        _check_choice(cls, key, kwargs[key], sub)
-        _check_value(cls, key, kwargs[key], sub)
+        _check_field(specs[key], kwargs[key], sub)
     return cls(**kwargs)
 
 
@@ -624,11 +709,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 #: ``student.kd_boundary`` (runs made before ``optimizer_reset``) -> the ``optimizer_reset`` it meant
 LEGACY_KD_BOUNDARY = {"keep": "none", "reset": "boundary"}
 
-#: what ``warmup.reference`` sets where ``optimizer_reset`` / ``pruned_bn`` are left unset
-REFERENCES: dict[str, dict[str, str]] = {
-    "described": {"optimizer_reset": "phase", "pruned_bn": "teacher"},
-    "authors": {"optimizer_reset": "epoch", "pruned_bn": "authors"},
-}
+#: former warmup-loss names that spelled PKT's variant -> (the loss, ``warmup.pkt_variant``)
+LEGACY_WARMUP_LOSSES = {"pkt_original": ("pkt", "original")}
 
 
 def _normalise(tree: dict[str, Any]) -> dict[str, Any]:
@@ -639,18 +721,39 @@ def _normalise(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def upgrade_legacy(tree: dict[str, Any]) -> dict[str, Any]:
-    """Read a config written before ``student.optimizer_reset`` existed (``kd_boundary: keep|reset``)."""
+    """Read a config written under an older spelling, so committed run directories still load and resume:
+
+    - ``student.kd_boundary: keep|reset`` (before ``student.optimizer_reset``) -> ``optimizer_reset: none|boundary``;
+    - ``warmup.tap_loss`` / ``warmup.embedding_loss: pkt_original`` (PKT's variant spelled in the loss name) ->
+      ``pkt`` and ``warmup.pkt_variant: original``, the one spelling of PKT's variant.
+    """
     student = tree.get("student")
     if isinstance(student, dict) and "kd_boundary" in student:
         student = dict(student)
         old = student.pop("kd_boundary")
         if old not in LEGACY_KD_BOUNDARY:
             raise UserError(f"student.kd_boundary: '{old}' is not one of keep, reset "
-                            f"(it is now student.optimizer_reset: none | boundary | phase | epoch)")
+                            f"(it is now student.optimizer_reset: {' | '.join(OPTIMIZER_RESETS)})")
         if student.get("optimizer_reset") not in (None, LEGACY_KD_BOUNDARY[old]):
             raise UserError("student.kd_boundary and student.optimizer_reset disagree; keep only optimizer_reset")
         student["optimizer_reset"] = LEGACY_KD_BOUNDARY[old]
         tree = {**tree, "student": student}
+    warmup = tree.get("warmup")
+    if isinstance(warmup, dict):
+        legacy = {k: v for k in ("tap_loss", "embedding_loss")
+                  if isinstance(v := warmup.get(k), str) and v in LEGACY_WARMUP_LOSSES}
+        if legacy:
+            warmup = dict(warmup)
+            for key, old in legacy.items():
+                loss, variant = LEGACY_WARMUP_LOSSES[old]
+                other = [k for k in ("tap_loss", "embedding_loss") if k != key and warmup.get(k) == loss]
+                if warmup.get("pkt_variant") not in (None, variant) or other:
+                    raise UserError(f"warmup.{key}: {old} (PKT {variant}) disagrees with "
+                                    f"{'warmup.pkt_variant' if not other else 'warmup.' + other[0] + ': ' + loss}; "
+                                    f"write {key}: {loss} and warmup.pkt_variant: {variant}")
+                warmup[key] = loss
+                warmup["pkt_variant"] = variant
+            tree = {**tree, "warmup": warmup}
     return tree
 
 
@@ -775,55 +878,54 @@ def describe_arm(arm: ArmSpec) -> str:
     return (f"{warm}{arm.method}; reference: {arm.reference} (optimizer reset: {arm.optimizer_reset}{bn})")
 
 
+def resolved_tree(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as plain dicts, as a run writes it: fields marked ``omit_default`` (the top-level ``model`` and
+    ``train`` only ``indistill train`` reads) are left out while they hold their defaults.
+
+    Reading the tree back (:func:`config_from_tree`) gives ``cfg`` again. Comparisons (resuming a run) use
+    the whole :func:`to_dict`, so an old run directory that wrote those sections still compares equal."""
+    tree = to_dict(cfg)
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("omit_default") and getattr(cfg, f.name) == getattr(defaults, f.name):
+            del tree[f.name]
+    return tree
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """``name -> trailing comment`` of each field line in the class source (the schema's own words)."""
-    import inspect
-    import re
-
-    out: dict[str, str] = {}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return out
-    for line in src.splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
-    return out
+    """The YAML a run writes (``config.yaml``): :func:`resolved_tree`."""
+    return yaml.safe_dump(resolved_tree(cfg), sort_keys=False)
 
 
 def config_reference() -> str:
-    """Every config key with its type, default and one line, generated from the dataclasses (docs/config.md)."""
+    """Every config key with its type and constraint, default and help, generated from the fields
+    (docs/config.md)."""
     lines = ["# Config reference", "",
              "Generated from `src/indistill/config.py` by `indistill schema > docs/config.md` "
-             "(a test fails when this file is stale). Set keys in YAML or as `key=value` overrides.", ""]
+             "(a test fails when this file is stale). Set keys in YAML or as `key=value` overrides. "
+             "The type column is the constraint every value is checked against: a listed vocabulary "
+             "(`a | b`), a range, or a registry (`indistill methods`, `indistill datasets`; plug-ins add "
+             "names through `plugins:`).", ""]
+
+    def cell(text: str) -> str:
+        return text.replace("|", chr(92) + "|")
 
     def walk(cls: type, prefix: str, default_obj: Any, title: str | None = None) -> None:
         hints = typing.get_type_hints(cls)
-        notes = _field_comments(cls)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = " ".join(_first_paragraph(cls.__doc__ or ""))
         title = title or prefix.rstrip(".") or "top level"
         lines.extend([f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
         nested = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             value = getattr(default_obj, f.name)
+            help_ = f.metadata.get("help", "")
             if dataclasses.is_dataclass(tp):
                 nested.append((tp, f"{prefix}{f.name}.", value))
-                lines.append(f"| `{prefix}{f.name}` | {tp.__name__} | (section below) | {notes.get(f.name, '')} |")
+                lines.append(f"| `{prefix}{f.name}` | {tp.__name__} | (section below) | {cell(help_)} |")
                 continue
-            shown = json_default(value)
-            tname = _type_name(tp)
-            choices = _CHOICES.get((cls.__name__, f.name))
-            note = notes.get(f.name, "")
-            if choices and "|" not in note:
-                note = (note + "; " if note else "") + "one of " + ", ".join("null" if c is None else str(c) for c in choices)
-            lines.append(f"| `{prefix}{f.name}` | {tname.replace('|', chr(92) + '|')} | `{shown}` | "
-                         f"{note.replace('|', chr(92) + '|')} |")
+            lines.append(f"| `{prefix}{f.name}` | {cell(constraint_text(tp, f))} | `{json_default(value)}` | "
+                         f"{cell(help_)} |")
         lines.append("")
         for tp, p, v in nested:
             walk(tp, p, v)
@@ -831,6 +933,35 @@ def config_reference() -> str:
     walk(Config, "", Config())
     walk(ArmSpec, "", ArmSpec(), title="arms[]")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _first_paragraph(doc: str) -> list[str]:
+    out = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        out.append(line.strip())
+    return out
+
+
+def constraint_text(tp: Any, f: dataclasses.Field | None = None) -> str:
+    """The type of a field as docs/config.md shows it, with its constraint: ``auto | fp32 | null``,
+    ``int, >= 1``, ``str, a registered optimizer``."""
+    choices = choices_of(tp)
+    bare = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
+    item = typing.get_args(bare[0])[0] if len(bare) == 1 and typing.get_origin(bare[0]) is list else None
+    if choices is not None:
+        text = " | ".join("null" if c is None else str(c) for c in choices)
+    elif item is not None and choices_of(item) is not None:
+        text = "list of " + " | ".join(str(c) for c in choices_of(item))
+    else:
+        text = _type_name(tp)
+    if f is not None:
+        if "range" in f.metadata:
+            text += f", {'each ' if item is not None else ''}{f.metadata['range']}"
+        if "registry" in f.metadata:
+            text += f", {'each ' if item is not None else ''}a registered {f.metadata['registry']}"
+    return text
 
 
 def _type_name(tp: Any) -> str:
@@ -844,4 +975,3 @@ def json_default(value: Any) -> str:
     import json
 
     return json.dumps(to_dict(value), default=str)
-

@@ -10,7 +10,8 @@ the phase active in that (0-based, arm-relative) epoch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,18 +31,30 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class WarmupLoss:
-    """A curriculum phase's loss: ``fn(student_tap, target) -> scalar``, logged as ``<label>/<tap>``."""
+    """A curriculum phase's loss: ``fn(student_tap, target, **options) -> scalar``, logged as ``<label>/<tap>``.
 
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ``options`` maps a keyword of ``fn`` to the :class:`~indistill.config.WarmupSpec` field it is read from
+    (PKT: ``{"variant": "pkt_variant"}``); :meth:`bind` fixes them for one warmup.
+    """
+
+    fn: Callable[..., torch.Tensor]
     label: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def bind(self, spec: WarmupSpec) -> WarmupLoss:
+        """This loss with its ``options`` read from ``spec``."""
+        if not self.options:
+            return self
+        kw = {k: getattr(spec, f) for k, f in self.options.items()}
+        return WarmupLoss(partial(self.fn, **kw), self.label)
 
 
 #: phase losses by name (``warmup.tap_loss``, ``warmup.embedding_loss``); a plug-in adds one with
-#: ``WARMUP_LOSSES.add("cosine", WarmupLoss(fn, "cos"))``
+#: ``WARMUP_LOSSES.add("cosine", WarmupLoss(fn, "cos"))``. PKT's variant is ``warmup.pkt_variant`` (a config
+#: naming the former ``pkt_original`` is read through ``config.upgrade_legacy``).
 WARMUP_LOSSES: Registry[WarmupLoss] = Registry("warmup loss", group="indistill.warmup_losses")
 WARMUP_LOSSES.add("mse", WarmupLoss(lambda s, t: F.mse_loss(s.flatten(1), t.flatten(1)), "mse"))
-WARMUP_LOSSES.add("pkt", WarmupLoss(lambda s, t: pkt_loss(s, t, variant="reference"), "pkt"))
-WARMUP_LOSSES.add("pkt_original", WarmupLoss(lambda s, t: pkt_loss(s, t, variant="original"), "pkt"))
+WARMUP_LOSSES.add("pkt", WarmupLoss(pkt_loss, "pkt", {"variant": "pkt_variant"}))
 
 #: ``f(taps, spec) -> Schedule``: the curriculum over the student taps (``warmup.schedule``)
 ScheduleFn = Callable[[list[str], WarmupSpec], Schedule]
@@ -51,19 +64,21 @@ WARMUP_SCHEDULES: Registry[ScheduleFn] = Registry("warmup schedule", group="indi
 @WARMUP_SCHEDULES.register("default")
 def _default(taps: list[str], spec: WarmupSpec) -> Schedule:
     """The paper's: tap k for ``a + k`` epochs (or ``phase_epochs``), then the optional embedding phase."""
-    schedule = WARMUP_SCHEDULES.get(spec.schedule)(list(taps), spec)
-    for p in schedule:
-        WARMUP_LOSSES.get(p.loss)  # an unknown loss fails here, before any training
-    return schedule
+    return default_schedule(
+        taps, a=spec.a, phase_epochs=spec.phase_epochs, tap_loss=spec.tap_loss,
+        embedding_loss=spec.embedding_loss, embedding_epochs=spec.embedding_epochs,
+    )
 
 
 class InDistillWarmup(nn.Module):
     """The curriculum over a pruned source: exactly one tap's loss per epoch, shallow to deep."""
 
-    def __init__(self, pruned: PrunedTeacher, schedule: Schedule):
+    def __init__(self, pruned: PrunedTeacher, schedule: Schedule, losses: Mapping[str, WarmupLoss] | None = None):
         super().__init__()
         self.pruned = pruned
         self.schedule = schedule
+        #: each phase's loss by name, bound to the warmup's options (default: the registered ones as they are)
+        self.losses = {p.loss: (losses or {}).get(p.loss) or WARMUP_LOSSES.get(p.loss) for p in schedule}
 
     @property
     def epochs(self) -> int:
@@ -94,7 +109,7 @@ class InDistillWarmup(nn.Module):
     def forward(self, student: Mapping[str, torch.Tensor], batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         """The active phase's loss between the student's tap and the pruned source's target."""
         phase = self.schedule.phase_at(epoch)
-        loss = WARMUP_LOSSES.get(phase.loss)
+        loss = self.losses[phase.loss]
         with torch.no_grad():
             target = self.target(batch.images, phase.tap)
         return {f"{loss.label}/{phase.tap}": loss.fn(student[phase.tap], target)}
@@ -111,10 +126,15 @@ def warmup_schedule(spec: WarmupSpec, student: nn.Module, pairs: TapPairs | Mapp
     missing = [t for t in taps if t not in paired]
     if missing:
         raise UserError(f"warmup.taps {missing} have no teacher tap paired in warmup.pairs; pair them or drop them")
-    return default_schedule(
-        taps, a=spec.a, phase_epochs=spec.phase_epochs, tap_loss=spec.tap_loss,
-        embedding_loss=spec.embedding_loss, embedding_epochs=spec.embedding_epochs,
-    )
+    schedule = WARMUP_SCHEDULES.get(spec.schedule)(list(taps), spec)
+    for p in schedule:
+        WARMUP_LOSSES.get(p.loss)  # an unknown loss fails here, before any training
+    return schedule
+
+
+def warmup_losses(spec: WarmupSpec, schedule: Schedule) -> dict[str, WarmupLoss]:
+    """The losses the phases of ``schedule`` name, bound to ``spec`` (PKT's ``pkt_variant``)."""
+    return {p.loss: WARMUP_LOSSES.get(p.loss).bind(spec) for p in schedule}
 
 
 def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
@@ -140,4 +160,4 @@ def build_warmup(spec: WarmupSpec, source: nn.Module, student: nn.Module, input_
         source, student, dict(distilled), importance=spec.importance,
         producers=spec.producers or None, input_shape=input_shape, resize=spec.resize, bn=bn,
     )
-    return InDistillWarmup(pruned, schedule)
+    return InDistillWarmup(pruned, schedule, warmup_losses(spec, schedule))

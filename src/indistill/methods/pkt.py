@@ -13,6 +13,10 @@ diagonal included, as in the reference); the two means are summed.
 kernel only, ``mean(p_t * log(p_t / p_s))`` over all b x b entries.
 
 ``eps`` guards every division, square root and logarithm.
+
+The variant is spelled the same wherever PKT runs: ``variant`` in the method's params
+(``kd.params.pkt.variant``), ``auxiliary.pkt_variant`` for the auxiliary's PKT stage and
+``warmup.pkt_variant`` for the warmup's ``pkt`` phases, all from ``config.PKT_VARIANTS``.
 """
 
 from __future__ import annotations
@@ -21,11 +25,10 @@ from collections.abc import Mapping
 
 import torch
 
+from ..config import PKT_VARIANTS
 from ..data.base import Batch
 from ._common import add_ce, check_choice, full, no_autocast, pair
 from .base import Method, MethodContext, register_method
-
-PKT_VARIANTS = ("reference", "original")
 
 
 def _cosine_kernel(x: torch.Tensor, eps: float) -> torch.Tensor:
