@@ -51,9 +51,11 @@ def test_a_run_directory_prints_one_table(trained, capsys):
     finally:
         (trained / "checkpoints" / "copy.pt").unlink()
     assert code == 0, err
-    assert out.count("| model | role |") == 1  # one table (one protocol), not one report per checkpoint
-    rows = [ln for ln in out.splitlines() if ln.startswith("| copy |") or ln.startswith("| model |")]
+    results, deployment = out.split("## Deployment")  # the deployment view follows the one results table
+    assert results.count("| model | role |") == 1  # one table (one protocol), not one report per checkpoint
+    rows = [ln for ln in results.splitlines() if ln.startswith("| copy |") or ln.startswith("| model |")]
     assert len(rows) == 3  # header + the two checkpoints
+    assert sum(ln.startswith("| copy |") for ln in deployment.splitlines()) == 1
     assert out.count("# Evaluation:") == 1 and "# Results:" not in out
     assert "Training curves" not in out
     for name in ("model", "copy"):  # each checkpoint still gets its own report
