@@ -116,6 +116,8 @@ def test_reference_sets_the_open_choices_and_explicit_keys_win():
     (arm,) = resolve_arms(cfg)
     assert (arm.reference, arm.optimizer_reset, arm.pruned_bn) == ("authors", "epoch", "authors")
     (arm,) = resolve_arms(load_config(None, []))
+    assert (arm.reference, arm.optimizer_reset, arm.pruned_bn) == ("authors", "epoch", "authors")
+    (arm,) = resolve_arms(load_config(None, ["warmup.reference=described"]))
     assert (arm.reference, arm.optimizer_reset, arm.pruned_bn) == ("described", "phase", "teacher")
     (arm,) = resolve_arms(load_config(None, ["warmup.reference=authors", "student.optimizer_reset=boundary"]))
     assert (arm.optimizer_reset, arm.pruned_bn) == ("boundary", "authors")
