@@ -89,8 +89,8 @@ def default_schedule(
         rest = total_epochs - used
         if rest < 0:
             raise UserError(
-                f"warmup.epochs={total_epochs} is shorter than its tap phases ({used} epochs: "
-                f"{' + '.join(map(str, epochs))}); raise warmup.epochs or lower warmup.a"
+                f"total_epochs={total_epochs} is shorter than its tap phases ({used} epochs: "
+                f"{' + '.join(map(str, epochs))}); raise total_epochs or lower a"
             )
         if rest > 0:
             phases.append((embedding_tap, embedding_loss, rest))

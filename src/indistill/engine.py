@@ -20,7 +20,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +58,8 @@ def select_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device {brief(name)}; use auto, cpu, cuda or cuda:N") from None
 
 
-#: Measured on a 2-core AVX2 CPU without native bf16 (issue 19): autocast bf16 is emulated there.
-EMULATED_BF16_COST = "ResNet-20, batch 64, one thread: fp32 ~340 ms/step, bf16 ~5,000 ms/step, 15x slower"
+#: What emulated bf16 costs, for the warning; the measurement (a 2-core AVX2 CPU, issue 19) is in README.md.
+EMULATED_BF16_COST = "ResNet-20 on an AVX2 CPU: 15x slower, README.md"
 _emulated_bf16_warned = False
 
 
@@ -592,24 +592,49 @@ class Engine:
 
     def run_epoch(self, stage: Stage, epoch: int, state: TrainState, split: Split | None = None) -> dict[str, Any]:
         """One epoch of ``stage`` over ``split`` (default: the engine's train split); returns its metrics row."""
-        opt, scaler = state.optimizer, state.scaler
         phase_key = stage.phase(epoch) if stage.phase is not None else ""
+        stale, reset = self._begin_epoch(stage, epoch, state, phase_key)
+        t0 = time.perf_counter()
+        totals, n_seen, ratios = self._steps(stage, epoch, state, split or self.train_split, phase_key, stale)
+        if ddp.is_distributed():  # the row reports the whole global epoch, identically on every rank
+            keys = list(totals)  # the same terms, in the same order, on every rank
+            summed = ddp.all_reduce_sum(torch.tensor([n_seen] + [totals[k] for k in keys], dtype=torch.float64))
+            n_seen = int(summed[0])
+            totals = dict(zip(keys, summed[1:].tolist()))
+        elapsed = time.perf_counter() - t0
+        row = self._epoch_row(stage, epoch, state, phase_key, reset, ratios)
+        row.update({("loss" if k == "loss" else f"loss/{k}"): v / max(1, n_seen) for k, v in totals.items()})
+        row["time_s"] = elapsed
+        row["images_per_s"] = n_seen / elapsed if elapsed > 0 else math.nan
+        return row
+
+    def _begin_epoch(self, stage: Stage, epoch: int, state: TrainState, phase_key: str
+                     ) -> tuple[list[list[tuple[nn.Parameter, torch.Tensor]]] | None, bool]:
+        """Before the first step: ``(stale, reset)``, the Adam denominators to compare with the new loss's
+        gradients where the loss changes, and whether the optimizer state is cleared now; modes set."""
         # Where the loss changes, measure how stale Adam's second moments are for the new loss (the
         # diagnostic of docs/method.md), before any reset clears them.
         changed = epoch > 0 and stage.phase is not None and stage.phase(epoch - 1) != phase_key
-        stale = adam_denominators(opt) if changed else None
+        stale = adam_denominators(state.optimizer) if changed else None
         reset = epoch in stage.reset_optimizer_at
         if reset:
-            opt.state.clear()
-        split = split or self.train_split
+            state.optimizer.state.clear()
         stage.model.train()
         if stage.extra is not None:
             stage.extra.train()
         for m in stage.frozen:
             m.eval()
+        return stale, reset
+
+    def _steps(self, stage: Stage, epoch: int, state: TrainState, split: Split, phase_key: str,
+               stale: list[list[tuple[nn.Parameter, torch.Tensor]]] | None
+               ) -> tuple[dict[str, float], int, list[float] | None]:
+        """The epoch's optimizer steps over this rank's batches: ``(totals, n_seen, ratios)``, the loss and
+        its terms summed over samples, the samples seen, and the second-moment ratios of the first step
+        (where ``stale`` is given)."""
+        opt, scaler = state.optimizer, state.scaler
         totals: dict[str, float] = {}
         n_seen = 0
-        t0 = time.perf_counter()
         # (batch, loss weight): this rank's slice of every global batch (the whole batch, weight 1, in one process)
         batches = ddp.shard_batches(split, self.batch_size, seed=self.seed, epoch=epoch, device=self.device)
         total = len(ddp.global_batch_sizes(len(split), self.batch_size, ddp.world_size()))
@@ -639,16 +664,16 @@ class Engine:
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
             totals["loss"] = totals.get("loss", 0.0) + value * bs
-        if ddp.is_distributed():  # the row reports the whole global epoch, identically on every rank
-            keys = list(totals)  # the same terms, in the same order, on every rank
-            summed = ddp.all_reduce_sum(torch.tensor([n_seen] + [totals[k] for k in keys], dtype=torch.float64))
-            n_seen = int(summed[0])
-            totals = dict(zip(keys, summed[1:].tolist()))
-        elapsed = time.perf_counter() - t0
+        return totals, n_seen, ratios
+
+    def _epoch_row(self, stage: Stage, epoch: int, state: TrainState, phase_key: str, reset: bool,
+                   ratios: list[float] | None) -> dict[str, Any]:
+        """The row's head: stage, epoch, phase, learning rate, optimizer reset and second-moment ratios
+        (logged where the loss changed)."""
         row: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1}
         if stage.phase is not None:
             row["phase"] = stage.phase(epoch)
-        row["lr"] = float(opt.param_groups[0]["lr"])
+        row["lr"] = float(state.optimizer.param_groups[0]["lr"])
         if reset:
             row["optimizer_reset"] = True
         for i, r in enumerate(ratios or []):
@@ -657,7 +682,4 @@ class Engine:
             self.log.info(f"[{stage.name}] loss changed at epoch {epoch + 1} ({phase_key}): Adam's sqrt(v_hat) is "
                           f"{', '.join(f'{r:.3g}' for r in ratios)}x the new gradient's RMS (median over tensors, per "
                           f"group); optimizer state {'reset' if reset else 'kept'}")
-        row.update({("loss" if k == "loss" else f"loss/{k}"): v / max(1, n_seen) for k, v in totals.items()})
-        row["time_s"] = elapsed
-        row["images_per_s"] = n_seen / elapsed if elapsed > 0 else math.nan
         return row

@@ -77,6 +77,10 @@ of relevant items, ``prec_k = k / rank_k``:
 - ``p@k``: fraction of relevant items among the top k.
 - ``pr_curve``: ``p_interp`` at recall 0, 0.05, ..., 1, averaged over queries.
 
+Each is one :class:`RankMetric` of :data:`HEADLINE_METRICS` (per-query values from a chunk's
+ranks, reported by their mean); more metrics, protocol independent, are one function each of
+the ranks in :data:`RANK_METRICS` (``mrr``, ``r_precision``, a plug-in's), computed where named.
+
 ``protocol="reference"``
 ------------------------
 Reproduces the arithmetic of the authors' released evaluation
@@ -113,20 +117,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+from .config import PROTOCOLS, RETRIEVAL_METRICS
 from .data.base import DataSplits, Split
 from .errors import UserError
 from .models.taps import OUTPUT, Taps
 from .registry import Registry
 
-METRICS = ("cosine", "euclidean")
-PROTOCOLS = ("standard", "reference")
+METRICS = RETRIEVAL_METRICS  # the similarities: cosine, euclidean (config.py's vocabulary)
 REFERENCE_BATCH = 128  # the authors' query batch size; the monotone pass depends on it
 _CELLS_PER_RELEVANT = 8  # grid resolution: few relevant keys share a cell
 _PR_STEPS = 20  # pr_curve at recall 0, 0.05, ..., 1
@@ -135,8 +141,8 @@ _PR_STEPS = 20  # pr_curve at recall 0, 0.05, ..., 1
 _CHUNK_SCORES = {"cpu": 1 << 25, "cuda": 1 << 27}
 # ... and at most this many queries per CPU chunk: each thread's first chunk of a call touches fresh
 # key-buffer pages (page faults, ~rows x N x 8 bytes), while fewer rows re-pack the database for the
-# matmul more often. Measured with 2 threads: 30k x 3k 0.48 s at 150 rows vs 0.50 at 300; 60k x 10k
-# 3.09 s at 250 rows, 3.17 at 170, 3.47 at 559 (the 2**25-score budget alone).
+# matmul more often; 256 beat both fewer rows and the 2**25-score budget alone on 2 threads (timings of
+# the default path: benchmarks/results/retrieval.json).
 _CPU_CHUNK_ROWS = 256
 # Rows per block of the CPU tag-and-sort pass: 16 rows x 60k float64 keys ~ 8 MB, within a server
 # core's share of cache, where a whole chunk (up to 256 rows x N x 8 bytes) is not.
@@ -186,26 +192,39 @@ def _cells(values: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, top: 
     return x.clamp_(0, top).long()
 
 
-def _ranks_by_sort(keys: torch.Tensor, rel_mask: torch.Tensor) -> torch.Tensor:
-    """Exact ranks (1-based, ascending) of the relevant items; keys in database order."""
-    order = torch.sort(keys, dim=1, descending=True, stable=True).indices
-    rel_sorted = torch.gather(rel_mask, 1, order)
-    pos = torch.nonzero(rel_sorted)[:, 1] + 1
-    return pos.view(keys.shape[0], -1)
+class _Grid(NamedTuple):
+    """The sorted relevant keys of each row cut into cells (steps 1-2 of the grid algorithm).
 
-
-def _relevant_ranks(
-    keys: torch.Tensor, a: int, b: int, db_index: torch.Tensor
-) -> torch.Tensor:
-    """Ranks (C, R) of the relevant items, ascending, for keys over the label-sorted database.
-
-    Long on purpose: the three exact ranking routes (marked float64 sort, packed int64 keys, float64 grid) share their chunk state.
-
-    Columns ``a:b`` are the relevant ones; ``db_index`` maps a column to its
-    original database index (for the tie rule).
+    ``rs`` (C, R): relevant keys, descending; ``r_index``: their original database indices;
+    ``scale``/``shift``/``top``: the monotone cell map (:func:`_cells`); per cell (C, M + 3): ``occ``
+    relevant keys in it, ``above`` relevant keys in higher cells, ``first_val`` its largest relevant key
+    (-inf if none), ``multi`` whether it holds more than one.
     """
-    dev = keys.device
-    C, N = keys.shape
+
+    rs: torch.Tensor
+    r_index: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    top: int
+    occ: torch.Tensor
+    above: torch.Tensor
+    first_val: torch.Tensor
+    multi: torch.Tensor
+
+
+class _Ambiguous(NamedTuple):
+    """Irrelevant items whose count of relevant keys above them the cell look-up cannot settle:
+    row, column (label-sorted), cell (flat over rows) and the provisional count given them."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    cells: torch.Tensor
+    provisional: torch.Tensor
+
+
+def _relevant_grid(keys: torch.Tensor, a: int, b: int, db_index: torch.Tensor) -> _Grid:
+    """Sort each row's relevant keys (columns ``a:b``) and tabulate them per cell of their range."""
+    C = keys.shape[0]
     R = b - a
     rs, rpos = torch.sort(keys[:, a:b], dim=1, descending=True, stable=True)
     r_index = db_index[a:b][rpos]  # original index of each sorted relevant item
@@ -218,70 +237,106 @@ def _relevant_ranks(
     top = M + 2
     width = M + 3
     rcell = _cells(rs, scale, shift, top)
-    row_off = torch.arange(C, device=dev)[:, None] * width
+    row_off = torch.arange(C, device=keys.device)[:, None] * width
     occ = torch.bincount((rcell + row_off).view(-1), minlength=C * width).view(C, width)
     above = R - occ.cumsum(1)  # relevant keys in higher cells
     # Sorted descending, so the largest relevant key of a cell sits at position above[cell].
     first_val = torch.gather(rs, 1, above.clamp(max=R - 1))
     first_val.masked_fill_(occ == 0, -torch.inf)
-    above_f, occ_f = above.view(-1), occ.view(-1)
-    multi = occ > 1
+    return _Grid(rs, r_index, scale, shift, top, occ, above, first_val, occ > 1)
 
+
+def _count_above(keys: torch.Tensor, a: int, b: int, g: _Grid) -> tuple[torch.Tensor, _Ambiguous | None]:
+    """Per row, a histogram (C * (R + 1),) of "relevant keys above" over the irrelevant items, from
+    two table look-ups each (step 3), and the items where that count is provisional: their cell holds
+    a tie, or more than one relevant key above them."""
+    dev = keys.device
+    C, N = keys.shape
+    R = b - a
+    width = g.top + 1
+    row_off = torch.arange(C, device=dev)[:, None] * width
     counts = torch.zeros(C * (R + 1), dtype=torch.long, device=dev)
     count_off = torch.arange(C, device=dev)[:, None] * (R + 1)
-    amb_rows: list[torch.Tensor] = []
-    amb_cols: list[torch.Tensor] = []
-    amb_cell: list[torch.Tensor] = []
-    amb_prov: list[torch.Tensor] = []
+    amb: list[tuple[torch.Tensor, ...]] = []
     for c0, c1 in ((0, a), (b, N)):  # the irrelevant columns
         if c1 <= c0:
             continue
         s = keys[:, c0:c1]
-        cell = _cells(s, scale, shift, top).add_(row_off)
-        fv = torch.take(first_val, cell)
+        cell = _cells(s, g.scale, g.shift, g.top).add_(row_off)
+        fv = torch.take(g.first_val, cell)
         gt = fv > s
-        p = torch.take(above, cell).add_(gt)  # relevant keys above s, if the cell has no tie/second key
+        p = torch.take(g.above, cell).add_(gt)  # relevant keys above s, if the cell has no tie/second key
         counts += torch.bincount(p.add_(count_off).view(-1), minlength=C * (R + 1))
-        # Exact treatment where the cell holds a tie, or more than one relevant key above s.
-        amb = (fv == s).logical_or_(gt.logical_and_(torch.take(multi, cell)))
-        if bool(amb.any()):
-            rr, cc = torch.nonzero(amb, as_tuple=True)
-            amb_rows.append(rr)
-            amb_cols.append(cc + c0)
-            amb_cell.append(cell[rr, cc])
-            amb_prov.append(p[rr, cc])
-    sort_rows = torch.zeros(C, dtype=torch.bool, device=dev)
-    if amb_rows:
-        rr, cc, cf, prov = (torch.cat(x) for x in (amb_rows, amb_cols, amb_cell, amb_prov))
-        counts.index_add_(0, prov, torch.full_like(prov, -1))  # undo the provisional counts
-        n_occ = occ_f[cf]
-        # Resolving an item costs one comparison per relevant key in its cell; rows where that
-        # adds up to more than a few passes over the row (huge tie blocks) are sorted instead.
-        work = torch.zeros(C, dtype=torch.long, device=dev).index_add_(0, rr, n_occ)
-        sort_rows = work > 4 * N
-        keep = ~sort_rows[rr]
-        rr, cc, cf, n_occ = rr[keep], cc[keep], cf[keep], n_occ[keep]
-        s = keys[rr, cc]
-        s_index = db_index[cc]
-        start = above_f[cf]
-        p = start.clone()
-        for t in range(int(n_occ.max()) if n_occ.numel() else 0):
-            j = (start + t).clamp_(max=R - 1)
-            r_val = rs[rr, j]
-            beats = (r_val > s) | ((r_val == s) & (r_index[rr, j] < s_index))
-            p += (beats & (n_occ > t)).long()
-        counts.index_add_(0, rr * (R + 1) + p, torch.ones_like(p))
+        unsure = (fv == s).logical_or_(gt.logical_and_(torch.take(g.multi, cell)))
+        if bool(unsure.any()):
+            rr, cc = torch.nonzero(unsure, as_tuple=True)
+            amb.append((rr, cc + c0, cell[rr, cc], p[rr, cc]))
+    if not amb:
+        return counts, None
+    return counts, _Ambiguous(*(torch.cat(x) for x in zip(*amb)))
+
+
+def _resolve(
+    keys: torch.Tensor, g: _Grid, counts: torch.Tensor, amb: _Ambiguous, db_index: torch.Tensor
+) -> torch.Tensor:
+    """Replace the provisional counts of ``amb`` (in ``counts``, in place) by exact ones, comparing each
+    item with every relevant key of its cell (ties by database index). Returns the rows (C,) where that
+    would cost more than a few passes over the row (huge tie blocks): their ranks come from a sort."""
+    dev = keys.device
+    C, N = keys.shape
+    R = g.rs.shape[1]
+    rr, cc, cf, prov = amb
+    counts.index_add_(0, prov, torch.full_like(prov, -1))  # undo the provisional counts
+    n_occ = g.occ.view(-1)[cf]
+    work = torch.zeros(C, dtype=torch.long, device=dev).index_add_(0, rr, n_occ)
+    sort_rows = work > 4 * N
+    keep = ~sort_rows[rr]
+    rr, cc, cf, n_occ = rr[keep], cc[keep], cf[keep], n_occ[keep]
+    s = keys[rr, cc]
+    s_index = db_index[cc]
+    start = g.above.view(-1)[cf]
+    p = start.clone()
+    for t in range(int(n_occ.max()) if n_occ.numel() else 0):
+        j = (start + t).clamp_(max=R - 1)
+        r_val = g.rs[rr, j]
+        beats = (r_val > s) | ((r_val == s) & (g.r_index[rr, j] < s_index))
+        p += (beats & (n_occ > t)).long()
+    counts.index_add_(0, rr * (R + 1) + p, torch.ones_like(p))
+    return sort_rows
+
+
+def _relevant_ranks(keys: torch.Tensor, a: int, b: int, db_index: torch.Tensor) -> torch.Tensor:
+    """Ranks (C, R) of the relevant items, ascending, for keys over the label-sorted database: the grid
+    algorithm of the module docstring.
+
+    Columns ``a:b`` are the relevant ones; ``db_index`` maps a column to its
+    original database index (for the tie rule).
+    """
+    C, N = keys.shape
+    R = b - a
+    g = _relevant_grid(keys, a, b, db_index)
+    counts, amb = _count_above(keys, a, b, g)
+    sort_rows = None if amb is None else _resolve(keys, g, counts, amb, db_index)
     counts = counts.view(C, R + 1)
-    # Irrelevant items with p < k relevant keys above them are above the k-th relevant item.
-    ranks = torch.arange(1, R + 1, device=dev)[None, :] + counts.cumsum(1)[:, :R]
-    if bool(sort_rows.any()):
+    # Irrelevant items with p < k relevant keys above them are above the k-th relevant item (step 4).
+    ranks = torch.arange(1, R + 1, device=keys.device)[None, :] + counts.cumsum(1)[:, :R]
+    if sort_rows is not None and bool(sort_rows.any()):
         idx = torch.nonzero(sort_rows)[:, 0]
-        rel_mask = torch.zeros(N, dtype=torch.bool, device=dev)
-        rel_mask[a:b] = True
-        order = torch.argsort(db_index)  # back to original database order for the stable sort
-        sub = keys[idx][:, order]
-        ranks[idx] = _ranks_by_sort(sub, rel_mask[order].expand(len(idx), N).contiguous())
+        ranks[idx] = _ranks_by_sort(keys[idx], a, b, db_index)
     return ranks
+
+
+def _ranks_by_sort(keys: torch.Tensor, a: int, b: int, db_index: torch.Tensor) -> torch.Tensor:
+    """Exact ranks (C, R), ascending, of the relevant items (columns ``a:b``) of label-sorted ``keys``:
+    one stable sort per row, in original database order (the tie rule)."""
+    C, N = keys.shape
+    rel_mask = torch.zeros(N, dtype=torch.bool, device=keys.device)
+    rel_mask[a:b] = True
+    order = torch.argsort(db_index)  # back to original database order for the stable sort
+    srt = torch.sort(keys[:, order], dim=1, descending=True, stable=True).indices
+    rel_sorted = torch.gather(rel_mask[order].expand(C, N).contiguous(), 1, srt)
+    pos = torch.nonzero(rel_sorted)[:, 1] + 1
+    return pos.view(C, -1)
 
 
 # ----------------------------------------------------------------------------- fast path (float32 scores)
@@ -308,7 +363,7 @@ class _Rows:
 
 def _sort_rows(x: torch.Tensor, rows: _Rows) -> torch.Tensor:
     """Each row sorted ascending (values only), in place on CPU: numpy's vectorised (AVX-512) sort
-    is ~30x faster than torch's CPU sort here; on CUDA, torch.sort (a new tensor)."""
+    is many times faster than torch's CPU sort here; on CUDA, torch.sort (a new tensor)."""
     if x.is_cuda:
         return torch.sort(x, dim=1).values
     xn = x.numpy()
@@ -376,7 +431,7 @@ class _Database:
         """float64 keys of ``q64`` against database columns ``c0:c1`` (same formula as :func:`_keys`).
 
         On CPU, ``out`` (at least (len(q64), c1 - c0), C-contiguous rows) receives them: reusing one
-        buffer per thread spares the page faults of a fresh multi-MB array per chunk (~10% of a chunk).
+        buffer per thread spares the page faults of a fresh multi-MB array per chunk.
         ``finish=False`` (CPU) returns the matmul only; :meth:`finish` then completes row blocks
         while they are in cache (one pass over memory fewer).
         """
@@ -384,7 +439,7 @@ class _Database:
         db, stat = self.db64[c0:c1], self.stat64[c0:c1]
         if q64.is_cuda:
             return _keys(q64, db, stat, self.metric)
-        # numpy's BLAS call: ~1.4x faster than torch.mm for float64 on the benchmark machine
+        # numpy's BLAS call: faster than torch.mm for float64 on the machines benchmarked
         qn, dn = q64.numpy(), db.numpy()
         dst = None if out is None else out[: len(qn), : c1 - c0]
         # scaling by 2 is exact: 2 (q . x)
@@ -508,52 +563,96 @@ def _fast_relevant_ranks(
     return ranks
 
 
+# ----------------------------------------------------------------------------- metrics of the ranks
+#
+# Every metric is a function of the ranks of the relevant items. A chunk's ranks come wrapped in a
+# `Ranked`, which computes what several metrics share once (precision at each relevant item, the
+# reference protocol's precision table); a `RankMetric` turns it into per-query values, and reports
+# their mean over the queries. The headline metrics are `HEADLINE_METRICS`, computed under every
+# protocol; more (protocol independent) are one function each in `RANK_METRICS`, computed where named.
+
+
 def _count_at(ranks: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
     """Number of relevant items within the top n, for each row of ranks and each n."""
     return torch.searchsorted(ranks, ns.expand(ranks.shape[0], -1).contiguous(), right=True)
 
 
-def _standard(ranks: torch.Tensor, ks: Sequence[int], ap_only: bool = False) -> dict[str, torch.Tensor]:
-    """Standard-protocol metrics per query; ``ap_only``: just ``ap`` (what the reference protocol shares)."""
-    C, R = ranks.shape
-    dev = ranks.device
-    k = torch.arange(1, R + 1, device=dev, dtype=torch.float64)
-    prec = k / ranks.double()
-    if ap_only:
-        return {"ap": prec.mean(1)}
-    env = prec.flip(1).cummax(1).values.flip(1)  # max precision at recall >= k/R
+class Ranked:
+    """One chunk of C queries of one class, ranked: what every retrieval metric is computed from.
 
-    def interp(steps: int) -> torch.Tensor:
-        i = torch.arange(steps + 1, device=dev)
+    ``ranks`` (C, R): per query, the 1-based ranks of its R relevant database items, ascending
+    (``ranks[:, 0]`` is where the first relevant item came); ``ks``: the precision cut-offs asked for;
+    ``batch_rows`` (C,): the size r of each query's batch in the authors' evaluation (the reference
+    protocol; None without it). The properties are computed on first use, once per chunk.
+    """
+
+    def __init__(self, ranks: torch.Tensor, ks: Sequence[int], batch_rows: torch.Tensor | None = None):
+        self.ranks = ranks
+        self.ks = tuple(ks)
+        self.batch_rows = batch_rows
+
+    @cached_property
+    def precision(self) -> torch.Tensor:
+        """(C, R) float64: ``prec_k = k / rank_k``, the precision at each relevant item."""
+        k = torch.arange(1, self.ranks.shape[1] + 1, device=self.ranks.device, dtype=torch.float64)
+        return k / self.ranks.double()
+
+    @cached_property
+    def envelope(self) -> torch.Tensor:
+        """(C, R): the largest precision at recall >= k / R (the standard interpolation)."""
+        return self.precision.flip(1).cummax(1).values.flip(1)
+
+    @cached_property
+    def reference_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(raw, pm)``, (C, 128) each: precision at ranks 1..128, and the authors' partly monotone one."""
+        n = torch.arange(1, REFERENCE_BATCH + 1, device=self.ranks.device)
+        raw = _count_at(self.ranks, n).double() / n.double()
+        inside = n[None, :] <= self.batch_rows[:, None]
+        pm = torch.where(inside, raw, torch.full_like(raw, -1.0)).flip(1).cummax(1).values.flip(1)
+        return raw, torch.where(inside, pm, raw)
+
+
+class _Standard:
+    """The standard protocol's arithmetic (module docstring, "Metrics")."""
+
+    @staticmethod
+    def recall_levels(steps: int) -> list[float]:
+        return [i / steps for i in range(steps + 1)]
+
+    @staticmethod
+    def at_recall(r: Ranked, steps: int) -> torch.Tensor:
+        """(C, steps + 1): interpolated precision at recall 0, 1/steps, ..., 1."""
+        R = r.ranks.shape[1]
+        i = torch.arange(steps + 1, device=r.ranks.device)
         kmin = ((i * R + steps - 1) // steps).clamp_(min=1)  # smallest k with k/R >= i/steps
-        return env[:, kmin - 1]
+        return r.envelope[:, kmin - 1]
 
-    ns = torch.tensor(list(ks), device=dev)
-    return {
-        "ap": prec.mean(1),
-        "ap11": interp(10).mean(1),
-        "pr": interp(_PR_STEPS),
-        "pk": _count_at(ranks, ns).double() / ns.double(),
-    }
+    @staticmethod
+    def precision_at_k(r: Ranked) -> torch.Tensor:
+        """(C, len(ks)): the fraction of relevant items among the top k."""
+        ns = torch.tensor(list(r.ks), device=r.ranks.device)
+        return _count_at(r.ranks, ns).double() / ns.double()
 
 
-def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The authors' metric arithmetic (see module docstring); batch_rows: r of each query's batch."""
-    C, R = ranks.shape
-    dev = ranks.device
-    n = torch.arange(1, REFERENCE_BATCH + 1, device=dev)
-    raw = _count_at(ranks, n).double() / n.double()  # precision at ranks 1..128
-    inside = n[None, :] <= batch_rows[:, None]
-    pm = torch.where(inside, raw, torch.full_like(raw, -1.0)).flip(1).cummax(1).values.flip(1)
-    pm = torch.where(inside, pm, raw)  # partly monotone precision at ranks 1..128
-    rank1_irrelevant = ranks[:, 0] > 1
+class _Reference:
+    """The arithmetic of the authors' evaluation (module docstring, ``protocol="reference"``)."""
 
-    def at_levels(levels: np.ndarray) -> torch.Tensor:
-        lv = torch.tensor(levels, dtype=torch.float64, device=dev)  # exactly their float levels
+    @staticmethod
+    def recall_levels(steps: int) -> list[float]:
+        return np.arange(0, 1.01, 1 / steps).tolist()  # exactly their float levels (1/10 == 0.1, 1/20 == 0.05)
+
+    @staticmethod
+    def at_recall(r: Ranked, steps: int) -> torch.Tensor:
+        """(C, steps + 1): precision at the first rank whose recall is closest to each of their levels."""
+        ranks, batch_rows = r.ranks, r.batch_rows
+        C, R = ranks.shape
+        dev = ranks.device
+        raw, pm = r.reference_table
+        lv = torch.tensor(np.arange(0, 1.01, 1 / steps), dtype=torch.float64, device=dev)
         base = torch.floor(lv * R).long()
         cand = base[None, :, None] + torch.arange(-1, 3, device=dev)[None, None, :]  # (1, L, 4)
         cand = cand.expand(C, -1, -1)
-        valid = (cand >= 1) & (cand <= R) | ((cand == 0) & rank1_irrelevant[:, None, None])
+        valid = (cand >= 1) & (cand <= R) | ((cand == 0) & (ranks[:, 0] > 1)[:, None, None])  # 0: rank 1 irrelevant
         recall = cand.double() / float(R)
         dist = torch.where(valid, (recall - lv[None, :, None]).abs(), torch.full_like(recall, torch.inf))
         j = torch.gather(cand, 2, dist.argmin(2, keepdim=True)).squeeze(2)  # first rank closest
@@ -564,18 +663,58 @@ def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int])
         raw_at = j.double() / rank_j.double()
         return torch.where(in_table, from_table, raw_at)
 
-    pk = []
-    for k in ks:
-        if k <= REFERENCE_BATCH:
-            pk.append(torch.where(k <= batch_rows, pm[:, k - 1], raw[:, k - 1]))
-        else:
-            pk.append(_count_at(ranks, torch.tensor([k], device=dev))[:, 0].double() / k)
-    return {
-        "ap11": at_levels(np.arange(0, 1.01, 0.1)).mean(1),
-        "pr": at_levels(np.arange(0, 1.01, 0.05)),
-        "pk": torch.stack(pk, 1),
-    }
+    @staticmethod
+    def precision_at_k(r: Ranked) -> torch.Tensor:
+        """(C, len(ks)): the partly monotone precision at rank k (raw beyond the batch's r)."""
+        raw, pm = r.reference_table
+        pk = []
+        for k in r.ks:
+            if k <= REFERENCE_BATCH:
+                pk.append(torch.where(k <= r.batch_rows, pm[:, k - 1], raw[:, k - 1]))
+            else:
+                pk.append(_count_at(r.ranks, torch.tensor([k], device=r.ranks.device))[:, 0].double() / k)
+        return torch.stack(pk, 1)
 
+
+_PROTOCOL_ARITHMETIC = {"standard": _Standard, "reference": _Reference}
+
+
+def _report_mean(name: str, values: torch.Tensor, ks: tuple[int, ...], protocol: Any) -> dict[str, Any]:
+    return {name: values.mean().item()}
+
+
+def _report_per_k(name: str, values: torch.Tensor, ks: tuple[int, ...], protocol: Any) -> dict[str, Any]:
+    return {f"p@{k}": values[:, j].mean().item() for j, k in enumerate(ks)}
+
+
+def _report_curve(name: str, values: torch.Tensor, ks: tuple[int, ...], protocol: Any) -> dict[str, Any]:
+    return {name: {"recall": protocol.recall_levels(values.shape[1] - 1), "precision": values.mean(0).tolist()}}
+
+
+@dataclass(frozen=True)
+class RankMetric:
+    """A retrieval metric: per-query values from a chunk's :class:`Ranked`, reported by their mean.
+
+    ``values(ranked, protocol)``: (C,) or (C, m) float64 for the chunk's C queries, ``protocol`` being
+    one protocol's arithmetic (``at_recall``, ``precision_at_k``, ``recall_levels``); a
+    ``protocol_free`` metric gets None, is computed once and reported under every protocol.
+    ``report(name, values, ks, protocol)`` turns the (Q,) / (Q, m) values of all the queries into
+    result entries (default ``{name: mean}``; numbers come before curves in the result).
+    """
+
+    name: str
+    values: Callable[[Ranked, Any], torch.Tensor]
+    protocol_free: bool = False
+    report: Callable[[str, torch.Tensor, tuple[int, ...], Any], dict[str, Any]] = _report_mean
+
+
+#: What every retrieval evaluation reports, under each protocol (a new headline metric is one entry here).
+HEADLINE_METRICS: tuple[RankMetric, ...] = (
+    RankMetric("map", lambda r, p: r.precision.mean(1), protocol_free=True),  # non-interpolated AP
+    RankMetric("map11", lambda r, p: p.at_recall(r, 10).mean(1)),  # AP over recall 0, 0.1, ..., 1
+    RankMetric("p@k", lambda r, p: p.precision_at_k(r), report=_report_per_k),  # "p@1", "p@10", ...
+    RankMetric("pr_curve", lambda r, p: p.at_recall(r, _PR_STEPS), report=_report_curve),
+)
 
 #: Extra retrieval metrics, one function each: ``fn(ranks) -> (C,) float64`` per-query values, averaged over
 #: the queries. ``ranks`` (C, R) holds, for C queries of one class, the 1-based ranks of their R relevant
@@ -588,8 +727,73 @@ RANK_METRICS.add("r_precision", lambda ranks: _count_at(  # precision within the
     ranks, torch.tensor([ranks.shape[1]], device=ranks.device))[:, 0].double() / ranks.shape[1])
 
 
+def _rank_metrics(extra: Sequence[str]) -> tuple[RankMetric, ...]:
+    """The headline metrics, then the named :data:`RANK_METRICS` (each once)."""
+    def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Ranked, Any], torch.Tensor]:
+        return lambda r, _p: fn(r.ranks)
+
+    extras = (RankMetric(name, wrap(RANK_METRICS.get(name)), protocol_free=True) for name in dict.fromkeys(extra))
+    return (*HEADLINE_METRICS, *extras)
+
+
+def _per_query(ranks: torch.Tensor, ks: Sequence[int], protocol: str = "standard",
+               batch_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every headline metric's per-query values under one protocol (what ``benchmarks/retrieval.py`` times)."""
+    r, p = Ranked(ranks, ks, batch_rows), _PROTOCOL_ARITHMETIC[protocol]
+    return {m.name: m.values(r, None if m.protocol_free else p) for m in HEADLINE_METRICS}
+
+
+def _standard(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    return _per_query(ranks, ks)
+
+
+def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    return _per_query(ranks, ks, "reference", batch_rows)
+
+
+class _Values:
+    """Per-query values of every metric (under every protocol, or once if protocol free), written by
+    chunks that may run side by side (each its own query rows, on its own thread), then averaged."""
+
+    def __init__(self, metrics: Sequence[RankMetric], protocols: Sequence[str], num_queries: int):
+        self.metrics = tuple(metrics)
+        self.protocols = tuple(protocols)
+        self.Q = num_queries
+        self.tables: dict[tuple[int, str | None], torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def _keys(self, m: RankMetric) -> tuple[str | None, ...]:
+        return (None,) if m.protocol_free else self.protocols
+
+    def add(self, idx: torch.Tensor, ranked: Ranked) -> None:
+        """The values of query rows ``idx`` (CPU), from their ranks; written on the calling (chunk) thread."""
+        for i, m in enumerate(self.metrics):
+            for p in self._keys(m):
+                v = m.values(ranked, p and _PROTOCOL_ARITHMETIC[p]).double().cpu()
+                self._table((i, p), v.shape[1:])[idx] = v
+
+    def _table(self, key: tuple[int, str | None], shape: torch.Size) -> torch.Tensor:
+        """The (Q, ...) float64 table of ``key``, made by the first chunk that writes it."""
+        table = self.tables.get(key)
+        if table is None:
+            with self.lock:
+                table = self.tables.get(key)
+                if table is None:
+                    table = self.tables[key] = torch.empty((self.Q, *shape), dtype=torch.float64)
+        return table
+
+    def report(self, protocol: str, ks: tuple[int, ...]) -> dict[str, Any]:
+        """The result entries of every metric under ``protocol``: numbers first, then curves."""
+        out: dict[str, Any] = {}
+        for i, m in enumerate(self.metrics):
+            table = self.tables[(i, None if m.protocol_free else protocol)]
+            out.update(m.report(m.name, table, ks, _PROTOCOL_ARITHMETIC[protocol]))
+        curves = {k: v for k, v in out.items() if isinstance(v, dict)}
+        return {k: v for k, v in out.items() if k not in curves} | curves
+
+
 def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN or inf in ``x``: one min/max pass (NaN propagates through both), ~3x cheaper than isfinite().all()."""
+    """No NaN or inf in ``x``: one min/max pass (NaN propagates through both), cheaper than isfinite().all()."""
     if not x.is_floating_point():
         return True
     lo, hi = torch.aminmax(x)
@@ -720,9 +924,8 @@ def retrieval_metrics_multi(
     """:func:`retrieval_metrics` for several protocols at once, keyed by protocol; ``extra`` names
     :data:`RANK_METRICS` to compute as well (the same value under every protocol).
 
-    Long on purpose: one ranking per metric serves every protocol, so the protocols' arithmetic lives beside it.
-
-    The ranking (the costly part) is computed once and shared by the protocols.
+    The ranking (the costly part) is computed once per chunk of queries and shared by every metric
+    (:data:`HEADLINE_METRICS` and ``extra``) under every protocol.
     """
     database = torch.as_tensor(database)
     queries = torch.as_tensor(queries)
@@ -732,7 +935,30 @@ def retrieval_metrics_multi(
     ks = _check_inputs(database, database_labels, queries, query_labels, metric, ks, protocols, chunk_size)
     dev = torch.device(device) if device is not None else database.device
     N, Q = database.shape[0], queries.shape[0]
+    db_order, bounds, q_codes = _class_blocks(database_labels, query_labels)
+    db = _Database(database, db_order, dev, metric)
+    q_all = queries.to(dev, torch.float64)
+    workers, chunk_size = _chunk_plan(N, Q, dev, exact, chunk_size)
+    chunks = _query_chunks(q_codes, bounds, chunk_size, largest_first=workers > 1)
+    rank = _chunk_ranker(db, q_all, chunk_size, exact)
+    values = _Values(_rank_metrics(extra), protocols, Q)
+    reference = "reference" in protocols
 
+    def run_chunk(chunk: tuple[int, int, torch.Tensor], rows: _Rows) -> None:
+        a, b, idx = chunk
+        batch_rows = _reference_batch_rows(idx, Q).to(dev) if reference else None
+        values.add(idx, Ranked(rank(a, b, idx, rows), ks, batch_rows))
+
+    _run_chunks(run_chunk, chunks, workers)
+    return {p: {**values.report(p, ks), "num_queries": Q, "metric": metric, "protocol": p} for p in protocols}
+
+
+def _class_blocks(database_labels: torch.Tensor, query_labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The database grouped by label (stable: original order inside a label), so the items relevant to a
+    query are one column block: ``(db_order, bounds, q_codes)``, class ``c``'s block being
+    ``bounds[c]:bounds[c + 1]`` of the sorted database and ``q_codes`` each query's class."""
+    N = database_labels.numel()
     all_labels, codes = torch.unique(torch.cat([database_labels.cpu(), query_labels.cpu()]), return_inverse=True)
     db_codes, q_codes = codes[:N], codes[N:]
     class_size = torch.bincount(db_codes, minlength=len(all_labels))
@@ -742,78 +968,60 @@ def retrieval_metrics_multi(
             f"query label(s) {all_labels[missing].tolist()[:5]} have no database items, so AP is undefined; "
             f"build the database from a split that contains every class"
         )
-    # Database grouped by label (stable: original order inside a label) -> relevant items are a block.
     db_order = torch.argsort(db_codes, stable=True)
     bounds = torch.cat([torch.zeros(1, dtype=torch.long), class_size.cumsum(0)])
-    db = _Database(database, db_order, dev, metric)
-    q_all = queries.to(dev, torch.float64)
+    return db_order, bounds, q_codes
+
+
+def _chunk_plan(N: int, Q: int, dev: torch.device, exact: bool, chunk_size: int | None) -> tuple[int, int]:
+    """``(workers, chunk_size)``: how many chunks run side by side, and the most queries in one.
+
+    CPU fast path: whole chunks side by side (:func:`_run_chunks`), at least ``workers`` chunks where
+    ``Q`` allows (splitting one chunk's rows over the threads around a multi-threaded BLAS call was no
+    faster on 2 cores than one thread).
+    """
     if chunk_size is None:
         chunk_size = default_chunk_rows(N, dev.type, exact)
-
-    def empty() -> dict[str, torch.Tensor]:
-        return {
-            "ap": torch.empty(Q, dtype=torch.float64),
-            "ap11": torch.empty(Q, dtype=torch.float64),
-            "pr": torch.empty(Q, _PR_STEPS + 1, dtype=torch.float64),
-            "pk": torch.empty(Q, len(ks), dtype=torch.float64),
-        }
-
-    extra_fns = {name: RANK_METRICS.get(name) for name in extra}
-    extra_vals = {name: torch.empty(Q, dtype=torch.float64) for name in extra_fns}
-    res = {p: empty() for p in protocols}
-    batch_rows_all = torch.clamp(Q - (torch.arange(Q) // REFERENCE_BATCH) * REFERENCE_BATCH, max=REFERENCE_BATCH)
-    # CPU fast path: whole chunks side by side (_run_chunks). Splitting one chunk's rows over the threads
-    # around a multi-threaded BLAS call gave no speed-up on 2 cores (1.06 s vs 0.95 s on one thread, 30k x 3k).
     workers = min(torch.get_num_threads(), _MAX_WORKERS) if dev.type == "cpu" and not exact else 1
     if workers > 1:
-        chunk_size = max(1, min(chunk_size, -(-Q // workers)))  # at least `workers` chunks when Q allows
+        chunk_size = max(1, min(chunk_size, -(-Q // workers)))
+    return workers, chunk_size
+
+
+def _query_chunks(q_codes: torch.Tensor, bounds: torch.Tensor, chunk_size: int, largest_first: bool
+                  ) -> list[tuple[int, int, torch.Tensor]]:
+    """``(a, b, query rows)`` per chunk: each label's queries in equal chunks of at most ``chunk_size``,
+    ``a:b`` their relevant block. ``largest_first``: most queries first (a row costs one pass over the
+    database whatever its label), so threads taking chunks as they free up finish closer together."""
     chunks = []
     for c in torch.unique(q_codes).tolist():
         qi = torch.nonzero(q_codes == c)[:, 0]
         a, b = int(bounds[c]), int(bounds[c + 1])
         step = -(-len(qi) // -(-len(qi) // chunk_size))  # the label's queries in equal chunks of <= chunk_size
         chunks += [(a, b, qi[s0 : s0 + step]) for s0 in range(0, len(qi), step)]
-    if workers > 1:  # most queries first (a row costs one pass over the database whatever its label):
-        chunks.sort(key=lambda ch: -len(ch[2]))  # threads taking chunks as they free up finish closer together
+    if largest_first:
+        chunks.sort(key=lambda ch: -len(ch[2]))
+    return chunks
 
-    rank = _buffered_ranker(db, chunk_size)
 
-    def run_chunk(chunk: tuple[int, int, torch.Tensor], rows: _Rows) -> None:
-        a, b, idx = chunk
-        if exact:
-            keys = _keys(q_all[idx.to(dev)], db.db64, db.stat64, metric)
-            ranks = _relevant_ranks(keys, a, b, db.index)
-            del keys
-        else:
-            ranks = rank(q_all[idx.to(dev)], a, b, rows)
-        std = _standard(ranks, ks, ap_only="standard" not in protocols)
-        for name, fn in extra_fns.items():
-            extra_vals[name][idx] = fn(ranks).double().cpu()
-        for protocol in protocols:
-            part = std if protocol == "standard" else _reference(ranks, batch_rows_all[idx].to(dev), ks)
-            r = res[protocol]  # chunks write disjoint query rows
-            r["ap"][idx] = std["ap"].cpu()
-            r["ap11"][idx] = part["ap11"].cpu()
-            r["pr"][idx] = part["pr"].cpu()
-            r["pk"][idx] = part["pk"].cpu()
+def _chunk_ranker(db: _Database, q_all: torch.Tensor, chunk_size: int, exact: bool
+                  ) -> Callable[[int, int, torch.Tensor, _Rows], torch.Tensor]:
+    """``rank(a, b, query rows, rows)``: the ranks (C, R) of a chunk's relevant items (columns ``a:b``),
+    by the grid algorithm (``exact``) or the default sort-based one."""
+    dev = q_all.device
+    if exact:
+        def rank_exact(a: int, b: int, idx: torch.Tensor, _rows: _Rows) -> torch.Tensor:
+            keys = _keys(q_all[idx.to(dev)], db.db64, db.stat64, db.metric)
+            return _relevant_ranks(keys, a, b, db.index)
 
-    _run_chunks(run_chunk, chunks, workers)
+        return rank_exact
+    fast = _buffered_ranker(db, chunk_size)
+    return lambda a, b, idx, rows: fast(q_all[idx.to(dev)], a, b, rows)
 
-    results: dict[str, dict[str, Any]] = {}
-    for protocol in protocols:
-        r = res[protocol]
-        if protocol == "standard":
-            recall_levels = [i / _PR_STEPS for i in range(_PR_STEPS + 1)]
-        else:
-            recall_levels = np.arange(0, 1.01, 0.05).tolist()
-        out: dict[str, Any] = {"map": r["ap"].mean().item(), "map11": r["ap11"].mean().item()}
-        for j, k in enumerate(ks):
-            out[f"p@{k}"] = r["pk"][:, j].mean().item()
-        out.update({name: v.mean().item() for name, v in extra_vals.items()})
-        out["pr_curve"] = {"recall": recall_levels, "precision": r["pr"].mean(0).tolist()}
-        out.update(num_queries=Q, metric=metric, protocol=protocol)
-        results[protocol] = out
-    return results
+
+def _reference_batch_rows(idx: torch.Tensor, Q: int) -> torch.Tensor:
+    """The size r of the authors' query batch (128, the last one shorter) each query row of ``idx`` is in."""
+    return torch.clamp(Q - (idx // REFERENCE_BATCH) * REFERENCE_BATCH, max=REFERENCE_BATCH)
 
 
 # ----------------------------------------------------------------------------- models
@@ -878,8 +1086,8 @@ def evaluate_model(
     tap_specs: Mapping[str, str],
     data: DataSplits,
     device: torch.device | str = "cpu",
-    metrics: Sequence[str] = ("cosine", "euclidean"),
-    protocols: Sequence[str] = ("standard", "reference"),
+    metrics: Sequence[str] = METRICS,
+    protocols: Sequence[str] = PROTOCOLS,
     ks: Sequence[int] = (1, 10, 100),
     extra_metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -903,12 +1111,8 @@ def evaluate_model(
         )
         for protocol, r in both.items():
             prefix = f"retrieval/{metric}/{protocol}"
-            out[f"{prefix}/map"] = r["map"]
-            out[f"{prefix}/map11"] = r["map11"]
-            for k in ks:
-                out[f"{prefix}/p@{k}"] = r[f"p@{k}"]
-            for name in extra_metrics:
-                out[f"{prefix}/{name}"] = r[name]
+            # every number a metric reported (num_queries, metric and protocol describe the call)
+            out.update({f"{prefix}/{name}": v for name, v in r.items() if isinstance(v, float)})
             pr[f"{metric}/{protocol}"] = r["pr_curve"]
     out["pr_curves"] = pr
     return out

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import IMPORTANCE_MODES, PRUNED_BN_MODES, RESIZE_MODES
 from .errors import UserError, suggest
 from .models.registry import model_record
 from .models.taps import OUTPUT, Taps, parse_spec, resolve_module, tap_shapes
@@ -62,10 +63,8 @@ __all__ = [
     "resize_map",
 ]
 
-IMPORTANCE_MODES = ("l1", "group")
-RESIZE_MODES = (None, "avgpool", "bilinear")
-#: how a pruned tap's BatchNorm normalises (see :class:`PrunedTeacher`)
-PRUNED_BN_MODES = ("teacher", "authors")
+# IMPORTANCE_MODES, RESIZE_MODES and PRUNED_BN_MODES (how a pruned tap's BatchNorm normalises, see
+# :class:`PrunedTeacher`): config.py's vocabularies, re-exported here.
 # PASSTHROUGH (from pairing, its one definition): taps passed through unpruned so that a KD stage gets them from
 # the same teacher forward.
 
@@ -144,8 +143,6 @@ def find_producers(
 ) -> dict[str, str | None]:
     """Module path of the layer producing each tap's channels (``None`` where none is found).
 
-    Long on purpose: one dry forward with a hook per layer and per tap, whose bookkeeping must stay in one scope.
-
     Runs one dry forward (eval mode, zeros input) recording the execution
     order of every conv/linear and of every tap; see the module docstring for
     the rule. ``overrides`` maps tap name -> module path and wins.
@@ -154,8 +151,31 @@ def find_producers(
     for tap in overrides:
         if tap not in specs:
             raise UserError(f"producers names unknown tap '{tap}'{suggest(tap, specs)}; taps: {', '.join(specs)}")
+    events, shapes = _execution_order(model, specs, input_shape)
+    modules = dict(model.named_modules())
+    result: dict[str, str | None] = {}
+    for tap, spec in specs.items():
+        shape = shapes[tap]
+        if tap in overrides:
+            result[tap] = _checked_override(model, tap, overrides[tap], shape)
+        else:
+            result[tap] = _last_producer(events, modules, tap, spec, shape)
+    return result
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a model without any): where a dry forward's input goes."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _execution_order(
+    model: nn.Module, specs: Mapping[str, str], input_shape: tuple[int, ...]
+) -> tuple[list[tuple[str, str]], dict[str, tuple[int, ...]]]:
+    """One dry forward (eval mode, zeros input): ``("layer", path)`` for every conv/linear and
+    ``("tap", name)`` for every tap, in execution order, and each tap's shape (without the batch)."""
     name_of = {m: n for n, m in model.named_modules()}
-    events: list[tuple[str, str]] = []  # ("layer", path) or ("tap", tap name), in execution order
+    events: list[tuple[str, str]] = []
     handles = []
 
     def layer_hook(m, _i, _o):
@@ -164,52 +184,53 @@ def find_producers(
     def tap_hook(tap):
         return lambda *_a: events.append(("tap", tap))
 
-    for m in model.modules():
-        if isinstance(m, (*_CONV, nn.Linear)):
-            handles.append(m.register_forward_hook(layer_hook))
-    paths: dict[str, tuple[str, str]] = {}
-    for tap, spec in specs.items():
-        path, kind = parse_spec(spec)
-        paths[tap] = (path, kind)
-        if path == OUTPUT:
-            continue
-        mod = resolve_module(model, path)
-        # Registered after the layer hooks, so a tap on a conv itself sees that conv first.
-        handles.append(mod.register_forward_pre_hook(tap_hook(tap)) if kind == "in" else mod.register_forward_hook(tap_hook(tap)))
-
     was_training = model.training
-    model.eval()
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+        for m in model.modules():
+            if isinstance(m, (*_CONV, nn.Linear)):
+                handles.append(m.register_forward_hook(layer_hook))
+        for tap, spec in specs.items():
+            path, kind = parse_spec(spec)
+            if path == OUTPUT:
+                continue
+            mod = resolve_module(model, path)
+            # Registered after the layer hooks, so a tap on a conv itself sees that conv first.
+            handles.append(mod.register_forward_pre_hook(tap_hook(tap)) if kind == "in"
+                           else mod.register_forward_hook(tap_hook(tap)))
+        model.eval()
         with Taps(model, specs) as taps:
-            _, feats = taps(torch.zeros(2, *input_shape, device=device))
+            _, feats = taps(torch.zeros(2, *input_shape, device=_model_device(model)))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return events, {tap: tuple(f.shape[1:]) for tap, f in feats.items()}
 
-    modules = dict(model.named_modules())
-    result: dict[str, str | None] = {}
-    for tap, (path, kind) in paths.items():
-        shape = tuple(feats[tap].shape[1:])
-        channels, vector_tap = shape[0], len(shape) == 1
-        if tap in overrides:
-            mod = resolve_module(model, overrides[tap])
-            if not _is_producer(mod, channels, vector_tap):
-                raise UserError(
-                    f"producer '{overrides[tap]}' for tap {tap} {shape} is a {type(mod).__name__} without "
-                    f"{channels} output channels; name a conv{'/linear' if vector_tap else ''} writing that tap"
-                )
-            result[tap] = overrides[tap]
-            continue
-        # Everything executed before the (last) capture of this tap; "@output" sees the whole forward.
-        last = max((i for i, e in enumerate(events) if e == ("tap", tap)), default=len(events))
-        before = [n for kind_, n in events[:last] if kind_ == "layer"]
-        candidates = [n for n in before if _is_producer(modules[n], channels, vector_tap)]
-        inside = [n for n in candidates if kind == "out" and path != OUTPUT and (n == path or n.startswith(path + "."))]
-        result[tap] = (inside or candidates or [None])[-1]
-    return result
+
+def _checked_override(model: nn.Module, tap: str, path: str, shape: tuple[int, ...]) -> str:
+    """``path``, the producer a user named for ``tap``, once it is a layer that can write that tap."""
+    channels, vector_tap = shape[0], len(shape) == 1
+    mod = resolve_module(model, path)
+    if not _is_producer(mod, channels, vector_tap):
+        raise UserError(
+            f"producer '{path}' for tap {tap} {shape} is a {type(mod).__name__} without "
+            f"{channels} output channels; name a conv{'/linear' if vector_tap else ''} writing that tap"
+        )
+    return path
+
+
+def _last_producer(
+    events: Sequence[tuple[str, str]], modules: Mapping[str, nn.Module], tap: str, spec: str, shape: tuple[int, ...]
+) -> str | None:
+    """The automatic producer of ``tap`` (module docstring): the last matching layer executed before the
+    tap's (last) capture, preferring those inside the tapped module; ``"@output"`` sees the whole forward."""
+    path, kind = parse_spec(spec)
+    channels, vector_tap = shape[0], len(shape) == 1
+    last = max((i for i, e in enumerate(events) if e == ("tap", tap)), default=len(events))
+    before = [n for kind_, n in events[:last] if kind_ == "layer"]
+    candidates = [n for n in before if _is_producer(modules[n], channels, vector_tap)]
+    inside = [n for n in candidates if kind == "out" and path != OUTPUT and (n == path or n.startswith(path + "."))]
+    return (inside or candidates or [None])[-1]
 
 
 @torch.no_grad()
@@ -242,9 +263,7 @@ def find_norms(model: nn.Module, producers: Mapping[str, str], input_shape: tupl
     was_training = model.training
     model.eval()
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        model(torch.zeros(2, *input_shape, device=device))
+        model(torch.zeros(2, *input_shape, device=_model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -272,8 +291,7 @@ def _group_rankings(
     """Channel ranking per tap from Torch-Pruning's coupled groups (group L1 magnitude)."""
     import torch_pruning as tp
 
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = _model_device(model)
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -507,11 +525,6 @@ def _specs_of(model: nn.Module, explicit: Mapping[str, str] | None, role: str) -
     return dict(specs)
 
 
-def _normalise_pairs(pairs: Mapping[str, str] | Sequence[str] | None, t_specs, s_specs) -> dict[str, str]:
-    # One implementation of the checks (pairing.normalise_pairs); a TapPairs is a mapping and passes as one.
-    return normalise_pairs(pairs, t_specs, s_specs)
-
-
 def prune_to_student(
     teacher: nn.Module,
     student: nn.Module,
@@ -526,8 +539,6 @@ def prune_to_student(
     bn: str = "teacher",
 ) -> PrunedTeacher:
     """Choose, for each teacher tap in ``pairs``, the teacher channels matching the student tap's width.
-
-    Long on purpose: its body is the list of checks every pair must pass, each with its own one-line error.
 
     Args:
         teacher, student: models; their taps come from their records (:func:`~indistill.models.model_taps`) or
@@ -554,64 +565,89 @@ def prune_to_student(
         UserError: unknown taps, a teacher tap narrower than its student tap,
             different spatial sizes without ``resize``, no producer found.
     """
+    _check_modes(importance, resize, bn)
+    t_specs = _specs_of(teacher, teacher_taps, "teacher")
+    s_specs = _specs_of(student, student_taps, "student")
+    pairs = normalise_pairs(pairs, t_specs, s_specs)
+    input_shape = tuple(input_shape)
+    shapes = _pair_shapes(teacher, student, pairs, t_specs, s_specs, input_shape, resize)
+    to_prune = [t for t in pairs if shapes[t][0][0] != shapes[t][1][0]]
+    found = find_producers(teacher, {t: t_specs[t] for t in pairs}, input_shape, overrides=producers)
+    producer_of = {t: _required(found[t], t, t_specs[t], shapes[t][0][0]) for t in to_prune}
+    rankings = _rankings(teacher, producer_of, importance, input_shape)
+    # the student's width of teacher channels: the best ranked (sorted), or all of an unpruned tap
+    kept = {t: rankings[t][: shapes[t][1][0]].sort().values if t in rankings else torch.arange(shapes[t][1][0])
+            for t in pairs}
+    norms = find_norms(teacher, producer_of, input_shape) if bn == "authors" else None
+    return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize,
+                         bn=bn, norms=norms)
+
+
+def _required(producer: str | None, tap: str, spec: str, channels: int) -> str:
+    """The producer of a tap that is pruned: one must have been found or named."""
+    if producer is None:
+        raise UserError(
+            f"no conv/linear with {channels} output channels produces teacher tap {tap} ({spec}); "
+            f"name it with producers: {{{tap}: <module path>}}"
+        )
+    return producer
+
+
+def _rankings(teacher: nn.Module, producer_of: Mapping[str, str], importance: str, input_shape: tuple[int, ...]
+              ) -> dict[str, torch.Tensor]:
+    """Each pruned tap's teacher channels, most important first (module docstring, "Importance")."""
+    if importance == "group" and producer_of:
+        return _group_rankings(teacher, producer_of, input_shape)
+    modules = dict(teacher.named_modules())
+    return {t: l1_filter_ranking(modules[path].weight).cpu() for t, path in producer_of.items()}
+
+
+def _check_modes(importance: str, resize: str | None, bn: str) -> None:
     if importance not in IMPORTANCE_MODES:
         raise UserError(f"unknown importance '{importance}'; choose one of: {', '.join(IMPORTANCE_MODES)}")
     if resize not in RESIZE_MODES:
         raise UserError(f"unknown resize '{resize}'; choose 'avgpool', 'bilinear' or leave it unset (null)")
     if bn not in PRUNED_BN_MODES:
         raise UserError(f"pruned_bn '{bn}' is not one of {', '.join(PRUNED_BN_MODES)}")
-    t_specs = _specs_of(teacher, teacher_taps, "teacher")
-    s_specs = _specs_of(student, student_taps, "student")
-    pairs = _normalise_pairs(pairs, t_specs, s_specs)
-    input_shape = tuple(input_shape)
 
+
+def _pair_shapes(
+    teacher: nn.Module, student: nn.Module, pairs: Mapping[str, str], t_specs: Mapping[str, str],
+    s_specs: Mapping[str, str], input_shape: tuple[int, ...], resize: str | None,
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``{teacher tap: (teacher shape, student shape)}`` from one dry forward of each model, once every
+    pair passes :func:`_check_pair`."""
     t_shapes = tap_shapes(teacher, {t: t_specs[t] for t in pairs}, input_shape)
     s_shapes = tap_shapes(student, {s: s_specs[s] for s in pairs.values()}, input_shape)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for t, s in pairs.items():
-        ts, ss = t_shapes[t], s_shapes[s]
-        what = f"teacher tap {t} {ts} and student tap {s} {ss}"
-        if len(ts) != len(ss):
-            raise UserError(f"{what} have different ranks; pair a feature map with a feature map, a vector with a vector")
-        if ts[0] < ss[0]:
-            raise UserError(
-                f"teacher tap {t} {ts} is narrower than student tap {s} {ss}: "
-                f"choose a wider teacher or a narrower student"
-            )
-        if ts[1:] != ss[1:]:
-            if resize is None:
-                raise UserError(
-                    f"{what} differ in spatial size: choose taps with equal sizes, or opt in to "
-                    f"resize: avgpool (shrinks the teacher map) or resize: bilinear (either way)"
-                )
-            if len(ts) != 3:
-                raise UserError(f"{what}: resize works on (C, H, W) feature maps only; choose taps with equal sizes")
-            if resize == "avgpool" and any(a < b for a, b in zip(ts[1:], ss[1:])):
-                raise UserError(
-                    f"{what}: resize avgpool only shrinks, but the teacher map is smaller; "
-                    f"choose other taps or resize: bilinear"
-                )
-        shapes[t] = (ts, ss)
+        _check_pair(t, s, t_shapes[t], s_shapes[s], resize)
+        shapes[t] = (t_shapes[t], s_shapes[s])
+    return shapes
 
-    to_prune = [t for t in pairs if shapes[t][0][0] != shapes[t][1][0]]
-    found = find_producers(teacher, {t: t_specs[t] for t in pairs}, input_shape, overrides=producers)
-    for t in to_prune:
-        if found[t] is None:
-            raise UserError(
-                f"no conv/linear with {shapes[t][0][0]} output channels produces teacher tap {t} ({t_specs[t]}); "
-                f"name it with producers: {{{t}: <module path>}}"
-            )
-    modules = dict(teacher.named_modules())
-    rankings: dict[str, torch.Tensor] = {}
-    if importance == "group" and to_prune:
-        rankings = _group_rankings(teacher, {t: found[t] for t in to_prune}, input_shape)
-    else:
-        rankings = {t: l1_filter_ranking(modules[found[t]].weight).cpu() for t in to_prune}
 
-    kept = {}
-    for t in pairs:
-        k = shapes[t][1][0]
-        kept[t] = rankings[t][:k].sort().values if t in rankings else torch.arange(k)
-    norms = find_norms(teacher, {t: found[t] for t in to_prune}, input_shape) if bn == "authors" else None
-    return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize,
-                         bn=bn, norms=norms)
+def _check_pair(t: str, s: str, ts: tuple[int, ...], ss: tuple[int, ...], resize: str | None) -> None:
+    """The checks every pair must pass, each with its own one-line error: same rank, a teacher at least as
+    wide, and equal spatial sizes unless ``resize`` can bring the teacher map to the student's."""
+    what = f"teacher tap {t} {ts} and student tap {s} {ss}"
+    if len(ts) != len(ss):
+        raise UserError(f"{what} have different ranks; pair a feature map with a feature map, a vector with a vector")
+    if ts[0] < ss[0]:
+        raise UserError(
+            f"teacher tap {t} {ts} is narrower than student tap {s} {ss}: "
+            f"choose a wider teacher or a narrower student"
+        )
+    if ts[1:] == ss[1:]:
+        return
+    if resize is None:
+        raise UserError(
+            f"{what} differ in spatial size: choose taps with equal sizes, or opt in to "
+            f"resize: avgpool (shrinks the teacher map) or resize: bilinear (either way)"
+        )
+    if len(ts) != 3:
+        raise UserError(f"{what}: resize works on (C, H, W) feature maps only; choose taps with equal sizes")
+    if resize == "avgpool" and any(a < b for a, b in zip(ts[1:], ss[1:])):
+        raise UserError(
+            f"{what}: resize avgpool only shrinks, but the teacher map is smaller; "
+            f"choose other taps or resize: bilinear"
+        )

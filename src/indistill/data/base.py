@@ -35,6 +35,9 @@ class Split(ABC):
     ``shardable``: ``batches(..., rank=r, world=k)`` yields only rank ``r``'s rows of every global
     batch (loading only those); a split that cannot leaves it False and the caller slices each
     whole batch instead (:func:`indistill.distributed.shard_batches`).
+
+    A split implements :attr:`labels` and :meth:`_iterate`, which :meth:`batches` calls with its
+    arguments checked (or overrides :meth:`batches` whole).
     """
 
     shardable: bool = False
@@ -47,7 +50,6 @@ class Split(ABC):
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    @abstractmethod
     def batches(
         self,
         batch_size: int,
@@ -64,6 +66,14 @@ class Split(ABC):
 
         With ``world > 1`` a :attr:`shardable` split yields rank ``rank``'s rows of each global batch.
         """
+        if batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        return self._iterate(batch_size, shuffle, seed, epoch, torch.device(device), drop_last, rank, world)
+
+    def _iterate(self, batch_size: int, shuffle: bool, seed: int, epoch: int, device: torch.device,
+                 drop_last: bool, rank: int, world: int) -> Iterator[Batch]:
+        """:meth:`batches`, its arguments checked (``batch_size`` positive, ``device`` a ``torch.device``)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _iterate() nor batches()")
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)

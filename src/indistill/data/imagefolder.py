@@ -120,21 +120,8 @@ class FolderSplit(Split):
     def labels(self) -> torch.Tensor:
         return self._labels
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        device: torch.device | str = "cpu",
-        drop_last: bool = False,
-        rank: int = 0,
-        world: int = 1,
-    ) -> Iterator[Batch]:
-        if batch_size <= 0:
-            raise UserError(f"batch size must be positive, got {batch_size}")
-        device = torch.device(device)
+    def _iterate(self, batch_size: int, shuffle: bool, seed: int, epoch: int, device: torch.device,
+                 drop_last: bool, rank: int, world: int) -> Iterator[Batch]:
         # A copy per call: concurrent iterations with other (seed, epoch) must not interfere.
         ds = copy.copy(self.dataset)
         ds.seed, ds.epoch = int(seed), int(epoch)

@@ -210,21 +210,8 @@ class InMemorySplit(Split):
             fl = torch.rand(n, generator=g) < 0.5
         return order, dy, dx, fl
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        device: torch.device | str = "cpu",
-        drop_last: bool = False,
-        rank: int = 0,
-        world: int = 1,
-    ) -> Iterator[Batch]:
-        if batch_size <= 0:
-            raise UserError(f"batch size must be positive, got {batch_size}")
-        device = torch.device(device)
+    def _iterate(self, batch_size: int, shuffle: bool, seed: int, epoch: int, device: torch.device,
+                 drop_last: bool, rank: int, world: int) -> Iterator[Batch]:
         if device.type == "cuda" and device.index is None:
             # "cuda" and "cuda:0" must share one cached copy of the images.
             device = torch.device("cuda", torch.cuda.current_device())
@@ -240,8 +227,8 @@ class InMemorySplit(Split):
         n = len(self)
         stop = n - n % batch_size if drop_last else n
         # A CPU batch is a few ~100k-element ops: too small to gain from intra-op threads, and on a
-        # shared CPU their OpenMP barriers stall for whole time slices (measured 20-50x slower with
-        # 2 threads on a loaded 2-core machine). Results do not depend on the thread count.
+        # shared CPU their OpenMP barriers stall for whole time slices (many times slower with 2 threads
+        # on a loaded 2-core machine). Results do not depend on the thread count.
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         for first in range(0, stop, batch_size):
             start, end = first, min(first + batch_size, n)

@@ -28,9 +28,12 @@ Shape = tuple[int, ...]
 class MethodContext:
     """What a method may know when it is built.
 
-    Shapes exclude the batch dim. ``stage_taps`` are the aligned intermediate
-    tap names, shallow to deep (e.g. ``["stage1", "stage2", "stage3"]``); every
-    name is a key of both shape dicts. ``embedding`` and ``logits`` are always present.
+    Shapes exclude the batch dim and cover only the taps the method reads
+    (:attr:`Method.uses`): ``embedding`` / ``logits`` are keys exactly when listed
+    there (both models must then have them), and ``stage_taps``, the aligned
+    intermediate tap names shallow to deep (e.g. ``["stage1", "stage2", "stage3"]``),
+    are keys of both dicts when ``"stages"`` is (empty otherwise).
+    ``teacher_shapes`` is empty for a method with ``needs_teacher = False``.
     """
 
     student_shapes: dict[str, Shape]

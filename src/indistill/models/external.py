@@ -47,7 +47,14 @@ def _timm(arch: str, name: str, num_classes: int, in_channels: int, kw: dict[str
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
-    """Swap the first 3-channel ``Conv2d`` (the stem) for one taking ``in_channels`` (fresh weights)."""
+    """Swap the first 3-channel ``Conv2d`` (the stem) for one taking ``in_channels`` (fresh weights).
+
+    A step of building ``model``, not a patch of someone's model: torchvision's constructors take no
+    input-channel count (timm's take ``in_chans``), and ``model`` is the one :func:`_torchvision` has just
+    built with random weights, never a model a user passed in. The stem is replaced as a child module
+    (``nn.Module.add_module``, the documented call; no attribute is set on the model), so its state
+    dict keeps torchvision's keys and shapes but for the stem's input channels.
+    """
     for path, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.in_channels == 3 and m.groups == 1:
             new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
@@ -57,7 +64,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
                 nn.init.zeros_(new.bias)
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, attr, new)
+            parent.add_module(attr, new)  # replaces the child of that name
             return
     raise UserError(f"model '{name}' has no 3-channel first convolution to adapt to in_channels={in_channels}; "
                     f"use 3-channel images or a timm model (in_chans)")

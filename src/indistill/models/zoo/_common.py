@@ -73,8 +73,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     Why: on CPU the contiguous (NCHW) max-pool kernels are several times slower
     than the channels-last ones for the small maps of the CIFAR-size zoo
-    (2 cores, 128x8x30x30: forward 3.5 ms vs 0.5 ms; forward + backward of
-    128x16x13x13 at one thread: 3.5 ms vs 1.2 ms), while the convolutions and
+    (forward and backward alike), while the convolutions and
     BatchNorm around it are fastest in NCHW. The layout copies cost less than
     the difference. Output and gradient are the same tensors as the plain
     module's (max and its argmax are exact); elsewhere (and while traced for export) the plain module runs.
