@@ -14,7 +14,7 @@ from indistill.config import ArmSpec, TrainSpec, load_config, resolve_arms
 from indistill.data.memory import InMemorySplit
 from indistill.engine import Engine
 from indistill.errors import UserError
-from indistill.models import create_model
+from indistill.models import create_model, declare_model
 from indistill.prune import find_norms
 from indistill.stages import arm_stage, reset_epochs
 from indistill.methods import create_method, MethodContext
@@ -109,6 +109,41 @@ def test_find_norms_names_the_bn_reading_the_producer_and_refuses_a_missing_one(
     plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
     with pytest.raises(UserError, match="pruned_bn: teacher"):
         find_norms(plain, {"stage1": "0"}, (1, 8, 8))
+
+
+def test_authors_bn_keeps_the_teacher_activation_where_no_batchnorm_reads_the_producer():
+    # A pre-activation-like teacher: stage1's producer feeds a ReLU directly (no BatchNorm to rebuild),
+    # stage2's producer feeds a BatchNorm. The default (authors) must still run, and say which is which.
+    torch.manual_seed(0)
+    teacher = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+    ).eval()
+    with torch.no_grad():
+        teacher[1][1].weight.uniform_(0.5, 1.5)
+        teacher[1][1].bias.uniform_(-1.0, -0.2)
+    student = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+    )
+    taps = {"stage1": "0", "stage2": "1"}
+    w = build_warmup(WarmupSpec(pairs={"stage1": "stage1", "stage2": "stage2"}), declare_model(teacher, taps),
+                     declare_model(student, taps), (1, 8, 8))
+    rows = {r["teacher_tap"]: r["bn"] for r in w.table()}
+    assert rows["stage1"].startswith("teacher (no BatchNorm reads the output of 0.0")
+    assert rows["stage2"] == "authors (1.1)"
+    assert w.pruned.teacher_bn_taps == ["stage1"]
+    x = torch.randn(6, 1, 8, 8)
+    k1, k2 = w.pruned.kept["stage1"], w.pruned.kept["stage2"]
+    with torch.no_grad():  # by hand: stage1 is the teacher's own activation; stage2 the authors' batch-stat BN
+        h = teacher[0](x)
+        torch.testing.assert_close(w.target(x, "stage1"), h[:, k1])
+        z = teacher[1][0](h)
+        mean, var = z.mean(dim=(0, 2, 3), keepdim=True), z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        y = F.relu((z - mean) / torch.sqrt(var + 1e-5) * teacher[1][1].weight[None, :, None, None])
+        torch.testing.assert_close(w.target(x, "stage2"), y[:, k2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="pruned_bn: teacher"):  # asked for by name, it is still required
+        find_norms(teacher, {"stage1": "0.0"}, (1, 8, 8))
 
 
 def test_reference_sets_the_open_choices_and_explicit_keys_win():

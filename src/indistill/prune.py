@@ -234,11 +234,13 @@ def _last_producer(
 
 
 @torch.no_grad()
-def find_norms(model: nn.Module, producers: Mapping[str, str], input_shape: tuple[int, ...]) -> dict[str, str]:
+def find_norms(model: nn.Module, producers: Mapping[str, str], input_shape: tuple[int, ...], *,
+               required: bool = True) -> dict[str, str]:
     """Module path of the BatchNorm that normalises each producer's output (``{tap: path}``).
 
     One dry forward (eval mode): the norm is the first ``BatchNorm{1,2,3}d`` that receives the
-    producer's output tensor itself. A producer without one is a one-line error.
+    producer's output tensor itself. A producer without one is a one-line error if ``required``,
+    else left out of the result (pre-activation and norm-free networks have none).
     """
     name_of = {m: n for n, m in model.named_modules()}
     wanted = {path: tap for tap, path in producers.items()}
@@ -269,7 +271,7 @@ def find_norms(model: nn.Module, producers: Mapping[str, str], input_shape: tupl
             h.remove()
         model.train(was_training)
     for tap, path in producers.items():
-        if tap not in found:
+        if tap not in found and required:
             raise UserError(
                 f"pruned_bn: authors needs a BatchNorm right after the producer '{path}' of teacher tap {tap}, "
                 f"and none reads its output; use pruned_bn: teacher"
@@ -370,6 +372,9 @@ class PrunedTeacher(nn.Module):
     kept channels ``z`` of the producer's output. It is computed one tap at a
     time (:meth:`target`), each forward altering only that tap's BatchNorm, so
     deeper layers read the teacher's own activations, as in the authors' code.
+    A pruned tap whose producer no BatchNorm reads (pre-activation or norm-free
+    networks: there is nothing to rebuild) keeps the teacher's activation; the
+    table's ``bn`` column and :attr:`teacher_bn_taps` name those taps.
 
     Attributes: ``teacher``, ``pairs`` (teacher tap -> student tap),
     ``kept`` (teacher tap -> sorted LongTensor), ``widths`` (teacher tap ->
@@ -408,10 +413,6 @@ class PrunedTeacher(nn.Module):
         self.pruned_taps = frozenset(t for t in self.pairs if self.widths[t][0] != self.widths[t][1])
         self.bn = bn
         self.norms = dict(norms or {}) if bn == "authors" else {}
-        if bn == "authors":
-            missing = [t for t in self.pruned_taps if t not in self.norms]
-            if missing:
-                raise UserError(f"pruned_bn: authors needs the BatchNorm of pruned tap(s) {', '.join(missing)}")
         for t in self.pairs:
             self.register_buffer(_buffer_name(t), torch.as_tensor(kept[t], dtype=torch.long).sort().values.clone())
         extra = {n: teacher_taps[n] for n in PASSTHROUGH if n in teacher_taps and n not in self.pairs.values()}
@@ -503,10 +504,23 @@ class PrunedTeacher(nn.Module):
                 "student_shape": self.shapes[t][1],
                 "kept": len(self.kept[t]),
                 "producer": self.producers.get(t),
-                "bn": (f"authors ({self.norms[t]})" if t in self.norms else "teacher"),
+                "bn": self._bn_of(t),
             }
             for t, s in self.pairs.items()
         ]
+
+    def _bn_of(self, t: str) -> str:
+        if t in self.norms:
+            return f"authors ({self.norms[t]})"
+        if self.bn == "authors" and t in self.pruned_taps:
+            return f"teacher (no BatchNorm reads the output of {self.producers.get(t)})"
+        return "teacher"
+
+    @property
+    def teacher_bn_taps(self) -> list[str]:
+        """Pruned taps that keep the teacher's own activation under ``bn="authors"``: no BatchNorm reads
+        their producer's output (pre-activation or norm-free networks), so there is none to rebuild."""
+        return [t for t in self.pairs if self.bn == "authors" and t in self.pruned_taps and t not in self.norms]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{r['teacher_tap']}->{r['student_tap']}: {r['teacher_shape'][0]}->{r['kept']}" for r in self.table())
@@ -578,7 +592,7 @@ def prune_to_student(
     # the student's width of teacher channels: the best ranked (sorted), or all of an unpruned tap
     kept = {t: rankings[t][: shapes[t][1][0]].sort().values if t in rankings else torch.arange(shapes[t][1][0])
             for t in pairs}
-    norms = find_norms(teacher, producer_of, input_shape) if bn == "authors" else None
+    norms = find_norms(teacher, producer_of, input_shape, required=False) if bn == "authors" else None
     return PrunedTeacher(teacher, t_specs, pairs, kept, shapes, found, importance=importance, resize=resize,
                          bn=bn, norms=norms)
 
