@@ -769,17 +769,9 @@ def summarised_results() -> dict[str, str]:
 
 def _per_query(ranks: torch.Tensor, ks: Sequence[int], protocol: str = "standard",
                batch_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Every headline metric's per-query values under one protocol (what ``benchmarks/retrieval.py`` times)."""
+    """Every headline metric's per-query values under one protocol."""
     r, p = Ranked(ranks, ks, batch_rows), _PROTOCOL_ARITHMETIC[protocol]
     return {m.name: m.values(r, None if m.protocol_free else p) for m in HEADLINE_METRICS}
-
-
-def _standard(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    return _per_query(ranks, ks)
-
-
-def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    return _per_query(ranks, ks, "reference", batch_rows)
 
 
 class _Values:
@@ -900,6 +892,42 @@ def _run_chunks(fn: Callable[[Any, _Rows], None], chunks: Sequence[Any], workers
             list(pool.map(lambda ch: fn(ch, single), chunks))  # list() re-raises a worker's exception
     finally:
         torch.set_num_threads(torch_threads)
+
+
+class ChunkScorer:
+    """The CPU default path of :func:`retrieval_metrics_multi` in its two parts, so that each can be timed
+    alone (``benchmarks/retrieval.py`` projects an ImageNet-scale evaluation from them).
+
+    Building it is the one-off setup: the float64 copy of ``database`` (already grouped by label, so
+    that a class's items are one column block) and its norms. :meth:`run` is the per-chunk work: each
+    chunk of queries of one class ranked against the database and every headline metric computed from
+    the ranks under both protocols, ``workers`` chunks side by side as the default path runs them.
+    """
+
+    def __init__(self, database: torch.Tensor, metric: str = "cosine", ks: Sequence[int] = (1, 10, 100),
+                 chunk_rows: int | None = None):
+        self.db = _Database(database, torch.arange(len(database)), torch.device("cpu"), metric)
+        self.ks = tuple(ks)
+        #: the most queries in one chunk (default :func:`default_chunk_rows`): each thread's key buffer is that x N
+        self.chunk_rows = chunk_rows or default_chunk_rows(len(database))
+        #: chunks run side by side, as retrieval_metrics_multi runs them on this process's torch threads
+        self.workers = min(torch.get_num_threads(), _MAX_WORKERS)
+        self._rank = _buffered_ranker(self.db, self.chunk_rows)
+
+    def run(self, chunks: Sequence[tuple[torch.Tensor, int, int]]) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """Per chunk ``(queries, a, b)`` (float64 (C, D) queries of one class, at most ``chunk_rows``;
+        ``a:b`` their class's database block): ``{protocol: {metric: per-query values}}``, in chunk
+        order; under the reference protocol each query's batch is a full one (128 queries)."""
+        out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in chunks]
+
+        def work(i: int, rows: _Rows) -> None:
+            q, a, b = chunks[i]
+            ranks = self._rank(q, a, b, rows)
+            out[i] = {"standard": _per_query(ranks, self.ks),
+                      "reference": _per_query(ranks, self.ks, "reference", torch.full((len(q),), REFERENCE_BATCH))}
+
+        _run_chunks(work, range(len(chunks)), self.workers)
+        return out
 
 
 def default_chunk_rows(n_database: int, device_type: str = "cpu", exact: bool = False) -> int:
