@@ -188,13 +188,12 @@ def imagenet_projection(quick: bool, rounds: int = 3) -> dict[str, Any]:
     """Project a 1.28M x 50k x 512-d evaluation (1000 classes, 50 queries each, cosine) from measured chunks.
 
     Times the one-off setup (the float64 label-sorted database and norms) and the
-    default path's chunk work as ``retrieval_metrics_multi`` runs it: chunks of the
-    default size from different classes, as many side by side as it runs
-    (``_run_chunks``: one per thread), each ranked and scored under both protocols.
+    default path's chunk work as ``retrieval_metrics_multi`` runs it (``ChunkScorer``): chunks of the
+    default size from different classes, as many side by side as it runs (one per thread),
+    each ranked and scored under both protocols.
     ``rounds`` rounds of one chunk per thread; per query = median round / queries per round.
     """
-    from indistill.evaluate import (_MAX_WORKERS, _buffered_ranker, _Database, _reference, _run_chunks, _standard,
-                                    default_chunk_rows)
+    from indistill.evaluate import ChunkScorer, default_chunk_rows
 
     n_db, dim, classes, per_class = (128_000, 512, 100, 50) if quick else (1_281_167, 512, 1000, 50)
     rng = np.random.default_rng(1)
@@ -205,26 +204,19 @@ def imagenet_projection(quick: bool, rounds: int = 3) -> dict[str, Any]:
         block = rng.standard_normal((min(65536, n_db - i), dim), dtype=np.float32)
         db[i : i + len(block)] = torch.from_numpy(block + centers[labels[i : i + len(block)]])
     rss0 = peak_rss_mb()
+    chunk = min(default_chunk_rows(n_db), per_class)
     t0 = time.perf_counter()
-    base = _Database(db, torch.arange(n_db), torch.device("cpu"), "cosine")
+    scorer = ChunkScorer(db, "cosine", KS, chunk)
     setup = time.perf_counter() - t0
     bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=classes))])
-    chunk = min(default_chunk_rows(n_db), per_class)
-    workers = min(torch.get_num_threads(), _MAX_WORKERS)
-    rank = _buffered_ranker(base, chunk)
-
-    def work(item: tuple[int, torch.Tensor], rows: Any) -> None:
-        c, q = item
-        ranks = rank(q, int(bounds[c]), int(bounds[c + 1]), rows)
-        _standard(ranks, KS)
-        _reference(ranks, torch.full((len(q),), 128), KS)
+    workers = scorer.workers
 
     times = []
     for r in range(rounds):
-        items = [(c, torch.from_numpy(centers[c] + rng.standard_normal((chunk, dim), dtype=np.float32)).double())
-                 for c in range(r * workers, (r + 1) * workers)]
+        items = [(torch.from_numpy(centers[c] + rng.standard_normal((chunk, dim), dtype=np.float32)).double(),
+                  int(bounds[c]), int(bounds[c + 1])) for c in range(r * workers, (r + 1) * workers)]
         t0 = time.perf_counter()
-        _run_chunks(work, items, workers)
+        scorer.run(items)
         times.append(time.perf_counter() - t0)
         print(f"  ImageNet-scale round {r}: {workers} chunk(s) of {chunk} queries x {n_db} x {dim}: "
               f"{times[-1]:.2f}s", flush=True)

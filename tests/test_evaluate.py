@@ -585,3 +585,23 @@ def test_concurrent_callers_get_lone_results_and_thread_settings_come_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_chunk_scorer_is_the_default_paths_per_chunk_work():
+    # a label-grouped database: each class's items are one column block, as ChunkScorer expects
+    g = torch.Generator().manual_seed(3)
+    db = torch.randn(90, 6, generator=g)
+    db_labels = torch.arange(3).repeat_interleave(30)
+    q = torch.randn(24, 6, generator=g)
+    q_labels = torch.arange(3).repeat_interleave(8)
+    from indistill.evaluate import ChunkScorer
+
+    scorer = ChunkScorer(db, "euclidean", ks=(1, 5), chunk_rows=4)
+    chunks = [(q[i : i + 4].double(), 30 * (i // 8), 30 * (i // 8 + 1)) for i in range(0, 24, 4)]
+    out = scorer.run(chunks)
+    assert len(out) == len(chunks) and set(out[0]) == {"standard", "reference"}
+    want = retrieval_metrics(db, db_labels, q, q_labels, "euclidean", ks=(1, 5))
+    per_query = {m: torch.cat([o["standard"][m] for o in out]) for m in ("map", "map11", "p@k")}
+    assert per_query["map"].mean().item() == pytest.approx(want["map"], abs=1e-12)
+    assert per_query["map11"].mean().item() == pytest.approx(want["map11"], abs=1e-12)
+    assert per_query["p@k"].mean(0).tolist() == pytest.approx([want["p@1"], want["p@5"]], abs=1e-12)

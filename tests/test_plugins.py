@@ -131,6 +131,33 @@ def test_a_users_optimizer_warmup_loss_and_metric_run_end_to_end(plugin, tmp_pat
     assert [k["lr"] for k in made] == [1e-3]  # the student with torch.optim.RMSprop, found by name
 
 
+def test_a_users_optimizer_warmup_loss_and_metric_in_a_grid(plugin, tmp_path, capsys):
+    # the same three through `indistill grid`: its cells run in subprocesses that import the plug-in
+    # themselves, and the plug-in's metric is summarised in grid.json and grid.md like the built-ins
+    import sys
+
+    args = [
+        "grid", "configs/demo_digits.yaml", "--seeds", "1", "--workers", "1", "--threads", "1",
+        f"out_dir={tmp_path}", "name=g", f"plugins=[{plugin}]",
+        "teacher.train.epochs=1", "teacher.train.optimizer.name=sgd_plain", "warmup.phase_epochs=[1, 1, 1]",
+        "student.train.epochs=4", "student.train.optimizer.name=rmsprop", "warmup.tap_loss=smooth_l1",
+        "evaluate.extra_metrics=[hit_at_1]", "evaluate.protocols=[standard]",
+        "arms=[{name: indistill_pkt, warmup: indistill, method: pkt}]", "data.train_subset=200",
+        "data.test_subset=60",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert sys.modules[plugin].CALLS == [1e-3]  # the shared teacher trained with the plug-in's optimizer
+    cell = tmp_path / "g" / "cells" / "s0" / "indistill_pkt"
+    rows = [json.loads(x) for x in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/sl1/stage1" in [r for r in rows if r["stage"] == "indistill_pkt"][0]
+    key = "retrieval/cosine/standard/hit_at_1"
+    value = json.loads((cell / "results.json").read_text())["models"]["indistill_pkt"][key]
+    summary = json.loads((tmp_path / "g" / "grid.json").read_text())["summary"]
+    assert key in summary["metrics"] and summary["arms"]["indistill_pkt"][key]["values"] == [value]
+    md = (tmp_path / "g" / "grid.md").read_text()
+    assert next(x for x in md.splitlines() if x.startswith("| arm |")).endswith(" | hit_at_1 cos | hit_at_1 euc |")
+
+
 def test_data_kwargs_reach_the_dataset(tmp_path):
     from indistill.pipeline import load_data
 

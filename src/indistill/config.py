@@ -564,8 +564,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {brief(value)}")
         return dict(value)
-    if tp is Any:
-        return value
+    return _coerce_scalar(tp, value, where)
+
+
+def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
+    """:func:`_coerce` for ``bool``, ``int``, ``float`` and ``str``; any other annotation passes ``value`` on."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -1,9 +1,11 @@
 """The InDistill warmup schedule: one tap at a time, shallow to deep.
 
-Phase k (1-based) distils intermediate tap k with MSE for ``a + k`` epochs
-(deeper = harder = longer); the last phase distils the embedding with the
-representation loss (PKT by default) for the rest of the warmup. Exactly one
-loss is active in any epoch; losses are never summed across taps.
+Phase k (1-based) distils intermediate tap k with the tap loss (MSE by default) for ``a + k`` epochs
+(``warmup.a``; or ``warmup.phase_epochs[k-1]``): deeper = harder = longer. An optional last phase distils
+the embedding with the embedding loss (PKT by default) for ``warmup.embedding_epochs`` epochs (or, through
+the API, the rest of ``total_epochs``). The warmup lasts the sum of its phases; the arm's KD method trains
+the rest of ``student.train.epochs``. Exactly one loss is active in any epoch; losses are never summed
+across taps.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from .errors import UserError
 
 @dataclass(frozen=True)
 class Phase:
+    """One tap's stretch of the warmup."""
+
     tap: str  # student tap name
-    loss: str  # "mse" | "pkt" | "pkt_original"
+    loss: str  # a name in warmup.WARMUP_LOSSES (PKT's variant is warmup.pkt_variant, not a loss name)
     epochs: int
     start: int  # first epoch (0-based) of the phase
 

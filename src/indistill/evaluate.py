@@ -700,19 +700,31 @@ class RankMetric:
     ``protocol_free`` metric gets None, is computed once and reported under every protocol.
     ``report(name, values, ks, protocol)`` turns the (Q,) / (Q, m) values of all the queries into
     result entries (default ``{name: mean}``; numbers come before curves in the result).
+    ``summarised``: the ``(similarity, protocol)`` of each column a grid summarises the metric in, its
+    result entry being ``entry`` (default the name) and its column label ``label`` (default the name)
+    followed by the similarity (see :func:`summarised_results`).
     """
 
     name: str
     values: Callable[[Ranked, Any], torch.Tensor]
     protocol_free: bool = False
     report: Callable[[str, torch.Tensor, tuple[int, ...], Any], dict[str, Any]] = _report_mean
+    summarised: tuple[tuple[str, str], ...] = ()
+    entry: str = ""
+    label: str = ""
 
+
+_STANDARD = tuple((m, "standard") for m in METRICS)  # each similarity under the standard protocol
+_REFERENCE = tuple((m, "reference") for m in METRICS)
 
 #: What every retrieval evaluation reports, under each protocol (a new headline metric is one entry here).
 HEADLINE_METRICS: tuple[RankMetric, ...] = (
-    RankMetric("map", lambda r, p: r.precision.mean(1), protocol_free=True),  # non-interpolated AP
-    RankMetric("map11", lambda r, p: p.at_recall(r, 10).mean(1)),  # AP over recall 0, 0.1, ..., 1
-    RankMetric("p@k", lambda r, p: p.precision_at_k(r), report=_report_per_k),  # "p@1", "p@10", ...
+    RankMetric("map", lambda r, p: r.precision.mean(1), protocol_free=True,  # non-interpolated AP
+               summarised=_STANDARD, label="mAP"),
+    RankMetric("map11", lambda r, p: p.at_recall(r, 10).mean(1),  # AP over recall 0, 0.1, ..., 1
+               summarised=_REFERENCE, label="mAP11"),
+    RankMetric("p@k", lambda r, p: p.precision_at_k(r), report=_report_per_k,  # "p@1", "p@10", ...
+               summarised=(("cosine", "standard"), ("cosine", "reference")), entry="p@100", label="P@100"),
     RankMetric("pr_curve", lambda r, p: p.at_recall(r, _PR_STEPS), report=_report_curve),
 )
 
@@ -727,28 +739,39 @@ RANK_METRICS.add("r_precision", lambda ranks: _count_at(  # precision within the
     ranks, torch.tensor([ranks.shape[1]], device=ranks.device))[:, 0].double() / ranks.shape[1])
 
 
+def _rank_metric(name: str) -> RankMetric:
+    """The :data:`RANK_METRICS` entry ``name`` as a protocol-free :class:`RankMetric`, summarised by a grid
+    under the standard protocol (its value under every protocol)."""
+    fn = RANK_METRICS.get(name)
+    return RankMetric(name, lambda r, _p: fn(r.ranks), protocol_free=True, summarised=_STANDARD)
+
+
 def _rank_metrics(extra: Sequence[str]) -> tuple[RankMetric, ...]:
     """The headline metrics, then the named :data:`RANK_METRICS` (each once)."""
-    def wrap(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Ranked, Any], torch.Tensor]:
-        return lambda r, _p: fn(r.ranks)
+    return (*HEADLINE_METRICS, *(_rank_metric(name) for name in dict.fromkeys(extra)))
 
-    extras = (RankMetric(name, wrap(RANK_METRICS.get(name)), protocol_free=True) for name in dict.fromkeys(extra))
-    return (*HEADLINE_METRICS, *extras)
+
+def summarised_results() -> dict[str, str]:
+    """The retrieval results a grid summarises: result key -> column label, e.g.
+    ``"retrieval/cosine/reference/map11" -> "mAP11 cos (ref.)"``.
+
+    Each :data:`HEADLINE_METRICS` entry's ``summarised`` columns, then every :data:`RANK_METRICS` entry's
+    (built-in or a plug-in's, registered by then) in name order; a grid shows those its cells' results hold,
+    so a metric in ``evaluate.extra_metrics`` appears in its report with no other change.
+    """
+    out: dict[str, str] = {}
+    for m in (*HEADLINE_METRICS, *map(_rank_metric, RANK_METRICS.names())):
+        for similarity, protocol in m.summarised:
+            ref = " (ref.)" if protocol == "reference" else ""
+            out[f"retrieval/{similarity}/{protocol}/{m.entry or m.name}"] = f"{m.label or m.name} {similarity[:3]}{ref}"
+    return out
 
 
 def _per_query(ranks: torch.Tensor, ks: Sequence[int], protocol: str = "standard",
                batch_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Every headline metric's per-query values under one protocol (what ``benchmarks/retrieval.py`` times)."""
+    """Every headline metric's per-query values under one protocol."""
     r, p = Ranked(ranks, ks, batch_rows), _PROTOCOL_ARITHMETIC[protocol]
     return {m.name: m.values(r, None if m.protocol_free else p) for m in HEADLINE_METRICS}
-
-
-def _standard(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    return _per_query(ranks, ks)
-
-
-def _reference(ranks: torch.Tensor, batch_rows: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    return _per_query(ranks, ks, "reference", batch_rows)
 
 
 class _Values:
@@ -869,6 +892,42 @@ def _run_chunks(fn: Callable[[Any, _Rows], None], chunks: Sequence[Any], workers
             list(pool.map(lambda ch: fn(ch, single), chunks))  # list() re-raises a worker's exception
     finally:
         torch.set_num_threads(torch_threads)
+
+
+class ChunkScorer:
+    """The CPU default path of :func:`retrieval_metrics_multi` in its two parts, so that each can be timed
+    alone (``benchmarks/retrieval.py`` projects an ImageNet-scale evaluation from them).
+
+    Building it is the one-off setup: the float64 copy of ``database`` (already grouped by label, so
+    that a class's items are one column block) and its norms. :meth:`run` is the per-chunk work: each
+    chunk of queries of one class ranked against the database and every headline metric computed from
+    the ranks under both protocols, ``workers`` chunks side by side as the default path runs them.
+    """
+
+    def __init__(self, database: torch.Tensor, metric: str = "cosine", ks: Sequence[int] = (1, 10, 100),
+                 chunk_rows: int | None = None):
+        self.db = _Database(database, torch.arange(len(database)), torch.device("cpu"), metric)
+        self.ks = tuple(ks)
+        #: the most queries in one chunk (default :func:`default_chunk_rows`): each thread's key buffer is that x N
+        self.chunk_rows = chunk_rows or default_chunk_rows(len(database))
+        #: chunks run side by side, as retrieval_metrics_multi runs them on this process's torch threads
+        self.workers = min(torch.get_num_threads(), _MAX_WORKERS)
+        self._rank = _buffered_ranker(self.db, self.chunk_rows)
+
+    def run(self, chunks: Sequence[tuple[torch.Tensor, int, int]]) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """Per chunk ``(queries, a, b)`` (float64 (C, D) queries of one class, at most ``chunk_rows``;
+        ``a:b`` their class's database block): ``{protocol: {metric: per-query values}}``, in chunk
+        order; under the reference protocol each query's batch is a full one (128 queries)."""
+        out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in chunks]
+
+        def work(i: int, rows: _Rows) -> None:
+            q, a, b = chunks[i]
+            ranks = self._rank(q, a, b, rows)
+            out[i] = {"standard": _per_query(ranks, self.ks),
+                      "reference": _per_query(ranks, self.ks, "reference", torch.full((len(q),), REFERENCE_BATCH))}
+
+        _run_chunks(work, range(len(chunks)), self.workers)
+        return out
 
 
 def default_chunk_rows(n_database: int, device_type: str = "cpu", exact: bool = False) -> int:

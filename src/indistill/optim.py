@@ -120,11 +120,3 @@ def build_optimizer(params: Iterable[nn.Parameter], spec: Any) -> torch.optim.Op
 def build_scheduler(opt: torch.optim.Optimizer, spec: Any, epochs: int) -> Any:
     """Per-epoch LR schedule ``spec.name`` (stepped once at the end of each epoch)."""
     return SCHEDULERS.get(spec.name)(opt, spec, epochs)
-
-
-def check_name(registry: Registry[Any], name: str, where: str) -> None:
-    """A config-time check that ``name`` resolves in ``registry`` (one line naming the key)."""
-    try:
-        registry.get(name)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None

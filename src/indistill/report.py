@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import Config, to_dict
+from .config import RETRIEVAL_METRICS, Config, to_dict
 from .deploy import deployment_ratios, deployment_table
 from .pairing import pairs_markdown
 
@@ -83,9 +83,9 @@ def plot_pr_curves(models: dict[str, Any], path: Path, protocol: str = "standard
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, len(RETRIEVAL_METRICS), figsize=(5 * len(RETRIEVAL_METRICS), 4), squeeze=False)
     drawn = False
-    for ax, metric in zip(axes, ("cosine", "euclidean")):
+    for ax, metric in zip(axes[0], RETRIEVAL_METRICS):
         recall: list[float] = []
         precision: list[float] = []
         for name, r in models.items():

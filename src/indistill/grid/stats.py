@@ -7,20 +7,32 @@ Pure functions of the cells' evaluation dicts: nothing here reads a directory or
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..config import ArmSpec
+from ..evaluate import summarised_results
 
-#: the metrics a grid summarises (key in a model's results -> label)
-HEADLINE = {
-    "top1": "top-1",
-    "retrieval/cosine/standard/map": "mAP cos",
-    "retrieval/euclidean/standard/map": "mAP euc",
-    "retrieval/cosine/reference/map11": "mAP11 cos (ref.)",
-    "retrieval/euclidean/reference/map11": "mAP11 euc (ref.)",
-    "retrieval/cosine/standard/p@100": "P@100 cos",
-    "retrieval/cosine/reference/p@100": "P@100 cos (ref.)",
-}
+
+class _Headline(Mapping[str, str]):
+    """Top-1, then what :func:`~indistill.evaluate.summarised_results` names, read from the metric
+    registries on each use: a retrieval metric a plug-in registers after this module loaded is summarised too."""
+
+    def _columns(self) -> dict[str, str]:
+        return {"top1": "top-1", **summarised_results()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._columns()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns())
+
+    def __len__(self) -> int:
+        return len(self._columns())
+
+
+#: the metrics a grid summarises (key in a model's results -> label), in their column order
+HEADLINE: Mapping[str, str] = _Headline()
 
 
 #: the power behind the "detectable difference" of a paired comparison
