@@ -40,7 +40,7 @@ def baseline_case(case: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"out_dir={tmp}", "progress=false", "device=cpu", f"teacher.name={t}", f"student.name={s}"])
         pipe = Pipeline(cfg, data=data)
-        pipe.build_model(cfg.teacher), pipe.build_model(cfg.student)
+        pipe.seeded_model(cfg.teacher), pipe.seeded_model(cfg.student)
     torch.manual_seed(0)
     return {"max_rss_mb": max_rss_mb(), "cuda_max_allocated_mb": _cuda_peak()}
 

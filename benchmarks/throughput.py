@@ -157,7 +157,7 @@ def build_stage(case: dict[str, Any], data, *, pkg: str = "indistill") -> Built:
         overrides.append("warmup.embedding_epochs=1")
     cfg = config.load_config(None, overrides)
     pipe = pipeline.Pipeline(cfg, data=data)
-    teacher, student = pipe.build_model(cfg.teacher), pipe.build_model(cfg.student)
+    teacher, student = pipe.seeded_model(cfg.teacher), pipe.seeded_model(cfg.student)
     epoch = 0
     if name == "supervised":
         stage = stages.supervised_stage("supervised", student, cfg.student.train)
@@ -607,7 +607,7 @@ def accuracy_case(case: dict[str, Any]) -> dict[str, Any]:
             f"student.train.epochs={case['epochs']}", f"student.train.eval_every={case['epochs']}",
         ])
         pipe = Pipeline(cfg, data=data)
-        model = pipe.build_model(cfg.student)
+        model = pipe.seeded_model(cfg.student)
         evaluate = top1_evaluator(model, data, pipe.device, cfg.data.eval_batch_size)
         t0 = time.perf_counter()
         pipe.engine.fit(supervised_stage("acc", model, cfg.student.train, evaluate=evaluate))

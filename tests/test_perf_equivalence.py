@@ -36,8 +36,8 @@ def test_warmup_target_equals_the_pruned_forward(tmp_path, pair, extra):
     cfg = load_config(None, [f"out_dir={tmp_path}", "device=cpu", f"teacher.name={pair[0]}",
                              f"student.name={pair[1]}", "warmup.embedding_epochs=1", *extra])
     pipe = Pipeline(cfg, data=_data(64))
-    warmup = pipe.build_warmup(ArmSpec(name="a", warmup="indistill", method="pkt"),
-                               pipe.build_model(cfg.teacher), pipe.build_model(cfg.student))
+    warmup = pipe.warmup_for(ArmSpec(name="a", warmup="indistill", method="pkt"),
+                             pipe.seeded_model(cfg.teacher), pipe.seeded_model(cfg.student))
     x = torch.randn(8, 1, 32, 32)
     full = warmup.pruned(x)
     keys = [p.tap if p.loss == "mse" else "embedding" for p in warmup.schedule]
@@ -54,7 +54,7 @@ def _train_arm(tmp_path, name, reference: bool):
     data = _data(64)
     pipe = Pipeline(cfg, data=data)
     stage = pipe.arm(ArmSpec(name="arm", warmup="indistill", method="pkt", params={}),
-                     pipe.build_model(cfg.teacher), pipe.build_model(cfg.student))
+                     pipe.seeded_model(cfg.teacher), pipe.seeded_model(cfg.student))
     if reference:  # the code before the change: the whole pruned source forward, then one key
         warmup = stage.warmup
         warmup.target = lambda x, key: warmup.pruned(x)[key]

@@ -24,13 +24,17 @@ def _exists(path: str) -> bool:
         return False
 
 
+def _split_config(path: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """A first argument with ``=`` that names no file is an override, not the CONFIG (``indistill train model.name=x``)."""
+    if path is not None and "=" in path and not _exists(path):
+        return None, [path, *overrides]
+    return path, list(overrides)
+
+
 def _config(path: str | None, overrides: list[str]):
     from .config import load_config
 
-    if path is not None and "=" in path and not _exists(path):
-        overrides = [path, *overrides]  # `indistill train model.name=x` without a config file
-        path = None
-    return load_config(path, overrides)
+    return load_config(*_split_config(path, overrides))
 
 
 def packaged_config(name: str) -> Path:
@@ -44,23 +48,34 @@ def _command(name: str, args) -> str:
     return " ".join(["indistill", name, *([args.config] if getattr(args, "config", None) else []), *args.overrides])
 
 
-def cmd_run(args) -> int:
+def _print_results(cfg, *lines: str) -> None:
+    """On rank 0 (the only one that writes): the run's ``results.md``, then ``lines``."""
     from . import distributed as ddp
-    from .pipeline import Pipeline
 
+    if ddp.is_main():
+        print((cfg.run_dir / "results.md").read_text())
+        for line in lines:
+            print(line)
+
+
+def _run_config(args):
+    """``indistill run``'s config: CONFIG, or the built-in defaults where ``--defaults`` asks for them."""
+    config, overrides = _split_config(args.config, args.overrides)
     # A bare `indistill run` used to train the built-in defaults for minutes into runs/run/: ask for that.
-    has_config = args.config is not None and not ("=" in args.config and not _exists(args.config))
-    if not has_config and not args.defaults:
+    if config is None and not args.defaults:
         raise UserError("no config given; usage: indistill run CONFIG [key=value ...] (e.g. configs/demo_digits.yaml), "
                         "or indistill run --defaults [key=value ...] to run the built-in defaults")
-    if has_config and args.defaults:
-        raise UserError(f"--defaults runs the built-in defaults, without a config; drop --defaults to run {args.config}")
-    cfg = _config(args.config, args.overrides)
+    if config is not None and args.defaults:
+        raise UserError(f"--defaults runs the built-in defaults, without a config; drop --defaults to run {config}")
+    return _config(config, overrides)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import Pipeline
+
+    cfg = _run_config(args)
     results = Pipeline(cfg).run(command=_command("run --defaults" if args.defaults else "run", args))
-    if not ddp.is_main():
-        return 0 if results else 1
-    print((cfg.run_dir / "results.md").read_text())
-    print(f"run directory: {cfg.run_dir}  (results.json, results.md, plots/, export/)")
+    _print_results(cfg, f"run directory: {cfg.run_dir}  (results.json, results.md, plots/, export/)")
     return 0 if results else 1
 
 
@@ -71,189 +86,78 @@ def cmd_demo(args) -> int:
 
     cfg = load_config(packaged_config("demo_digits.yaml"), args.overrides)
     ddp.init_from_env(cfg.device)
-    if not ddp.is_main():  # the other ranks train alongside rank 0 and print nothing
-        Pipeline(cfg).run(command=" ".join(["indistill", "demo", *args.overrides]))
-        return 0
-    print("indistill demo: digits (embedded, offline) - teacher, then student arms CE, PKT, InDistill+PKT "
-          f"({cfg.student.train.epochs} epochs each, one LR schedule)")
+    if ddp.is_main():  # the other ranks train alongside rank 0 and print nothing
+        print("indistill demo: digits (embedded, offline) - teacher, then student arms CE, PKT, InDistill+PKT "
+              f"({cfg.student.train.epochs} epochs each, one LR schedule)")
     Pipeline(cfg).run(command=" ".join(["indistill", "demo", *args.overrides]))
-    print((cfg.run_dir / "results.md").read_text())
-    print(f"plots: {cfg.run_dir / 'plots'}\nrun directory: {cfg.run_dir}")
-    print("one seed: a difference between arms here is not evidence; `indistill grid` pairs arms over seeds")
+    _print_results(cfg, f"plots: {cfg.run_dir / 'plots'}\nrun directory: {cfg.run_dir}",
+                   "one seed: a difference between arms here is not evidence; `indistill grid` pairs arms over seeds")
     return 0
 
 
 def cmd_train(args) -> int:
-    from . import distributed as ddp
-    from .models import model_taps, tap_shapes
-    from .pipeline import Pipeline, Trained
-    from .report import write_report
-    from .stages import supervised_stage
+    from .pipeline import Pipeline
 
     cfg = _config(args.config, args.overrides)
-    p = Pipeline(cfg)
-    model = p.build_model(cfg.model)
-    tap_shapes(model, model_taps(model), p.input_shape)
-    p.claim()
-    try:
-        fresh = not p.engine.checkpoint_path("model").is_file()  # a finished model is loaded, not trained
-        p.engine.fit(supervised_stage("model", model, cfg.train, evaluate=p._evaluator(model),
-                                      meta=p.meta(cfg.model, "model")))
-        ckpt = p.engine.checkpoint_path("model")
-        results = p.evaluate([Trained("model", model, "model", ckpt)])
-        ddp.on_main(lambda: write_report(cfg.run_dir, results, cfg=cfg, command=_command("train", args),
-                                         data_source=getattr(p.data, "source", None), trained=fresh))
-    except UserError as e:
-        p.rundir.record_failure(str(e))  # the corrected command may then take the directory (RunDir.check)
-        raise
-    finally:
-        p.release()
-    if not ddp.is_main():
-        return 0
-    print((cfg.run_dir / "results.md").read_text())
-    print(f"checkpoint: {ckpt}")
+    trained, _ = Pipeline(cfg).train_model(command=_command("train", args))
+    _print_results(cfg, f"checkpoint: {trained.checkpoint}")
     return 0
 
 
-def _evaluation_targets(target: Path) -> list[Path]:
-    if target.is_dir():
-        found = sorted(p for p in (target / "checkpoints").glob("*.pt") if not p.name.endswith(".last.pt"))
-        if not found:
-            raise UserError(f"{target} has no finished checkpoints (checkpoints/*.pt); give a checkpoint file")
-        return found
-    if not target.exists():
-        raise UserError(f"'{target}' not found; give a run directory or a checkpoint file")
-    return [target]
+def _evaluate_config(args):
+    """``indistill evaluate``'s config, and whether the user named the model and the dataset (which then win
+    over what a checkpoint records)."""
+    # `evaluate CKPT data.test_subset=50`: an override, not the optional CONFIG (which would then build the
+    # default model and refuse the checkpoint)
+    config, overrides = _split_config(args.config, args.overrides)
+    named_model = config is not None or any(o.startswith("model.") for o in overrides)
+    named_data = config is not None or any(o.startswith("data.name=") for o in overrides)
+    return _config(config, overrides), named_model, named_data
 
 
 def cmd_evaluate(args) -> int:
     """Evaluate a run directory's checkpoints, or one checkpoint; results go to ``<run>/eval/<stem>/``."""
-    from .checkpoint import load_weights, safe_load
-    from .config import ModelSpec
-    from .engine import select_device
-    from .evaluate import evaluate_model
-    from .models import model_taps
-    from .pipeline import build_model, count_params, load_data
-    from .report import protocols_in, results_table, write_report
+    from .api import evaluate_target, evaluation_summary
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not _exists(config):
-        # `evaluate CKPT data.test_subset=50`: an override, not the optional CONFIG (which would then build
-        # the default model and refuse the checkpoint)
-        config, overrides = None, [config, *overrides]
-    cfg = _config(config, overrides)
-    explicit_model = config is not None or any(o.startswith("model.") for o in overrides)
-    explicit_data = config is not None or any(o.startswith("data.name=") for o in overrides)
-    command = " ".join(["indistill", "evaluate", args.target, *([config] if config else []), *overrides])
-    target = Path(args.target)
-    results: dict[str, dict] = {}
-    written: list[Path] = []
-    for ckpt in _evaluation_targets(target):
-        meta = {}
-        if ckpt.suffix != ".safetensors":
-            obj = safe_load(ckpt)
-            meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
-        if meta and not explicit_model:
-            spec = ModelSpec(name=meta["arch"], kwargs=dict(meta.get("kwargs", {})), taps=meta.get("taps") or None)
-        elif explicit_model:
-            spec = cfg.model
-        else:
-            raise UserError(f"{ckpt} does not record its architecture; give model.name=... (and model.kwargs)")
-        if meta and not explicit_data:
-            cfg.data.name = meta["dataset"]
-        data = load_data(cfg)
-        if meta and meta.get("num_classes") not in (None, data.num_classes):
-            raise UserError(f"{ckpt} was trained on {meta['num_classes']} classes but {data.name} has "
-                            f"{data.num_classes}; give the dataset it was trained on (data.name=...)")
-        model = build_model(spec, data)
-        load_weights(model, ckpt)
-        e = cfg.evaluate
-        res = evaluate_model(model, model_taps(model), data, device=select_device(cfg.device),
-                             metrics=tuple(e.metrics), protocols=tuple(e.protocols), ks=tuple(e.ks))
-        res.update({"role": meta.get("role", "model"), "model": spec.name, "params": count_params(model),
-                    "checkpoint": str(ckpt)})
-        from .deploy import deployment_stats
-
-        res["deployment"] = deployment_stats(model, (data.in_channels, data.image_size, data.image_size),
-                                             checkpoint=ckpt, repeats=cfg.evaluate.latency_repeats)
-        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        out = run / "eval" / ckpt.name.split(".")[0]
-        out.mkdir(parents=True, exist_ok=True)
-        write_report(out, {ckpt.name.split(".")[0]: res}, cfg=cfg, command=command,
-                     data_source=getattr(data, "source", None))
-        results[ckpt.name.split(".")[0]] = res
-        written.append(out)
-    if not target.is_dir():
-        print((written[0] / "results.md").read_text())
-        print(f"written: {written[0]}")
-        return 0
-    # A run directory: one table of all its checkpoints, not one report per checkpoint
-    print(f"# Evaluation: {target} ({len(results)} checkpoints)\n\nCommand: `{command}`\n")
-    for protocol in protocols_in(results) or ["standard"]:
-        label = "standard metrics" if protocol == "standard" else "the authors' evaluation protocol"
-        print(f"## Retrieval: {label}\n\n{results_table(results, protocol)}\n")
-    print("Top-1 on the test split; retrieval: database = training split, queries = test split; in percent.\n")
-    from .deploy import deployment_table
-
-    print(f"## Deployment\n\n{deployment_table(results)}\n")
-    print(f"written: {target / 'eval'}/<checkpoint>/ (results.json, results.md, plots/) for "
-          f"{', '.join(p.name for p in written)}")
+    cfg, named_model, named_data = _evaluate_config(args)
+    command, target = _command(f"evaluate {args.target}", args), Path(args.target)
+    evaluated = evaluate_target(target, cfg, command=command, model_from_config=named_model,
+                                data_from_config=named_data)
+    if target.is_dir():  # a run directory: one table of all its checkpoints, not one report per checkpoint
+        print(evaluation_summary(target, evaluated, command))
+    else:
+        print((evaluated[0].out_dir / "results.md").read_text())
+        print(f"written: {evaluated[0].out_dir}")
     return 0
 
 
 def cmd_prune(args) -> int:
     """The channels the run's warmup distils from: the trained source if the run has one."""
-    from .checkpoint import atomic_write_json, load_weights
-    from .pipeline import build_model, load_data
-    from .warmup import build_warmup
+    from .api import load_source, prune_report
+    from .checkpoint import atomic_write_json
 
     cfg = _config(args.config, args.overrides)
-    data = load_data(cfg)
-    spec, role, trained_name = (cfg.auxiliary, "auxiliary", "auxiliary_pkt") if cfg.auxiliary.enabled else (
-        cfg.teacher, "teacher", "teacher")
-    source = build_model(spec, data)
-    ckpt = Path(spec.checkpoint) if spec.checkpoint else cfg.run_dir / "checkpoints" / f"{trained_name}.pt"
-    if ckpt.is_file():
-        load_weights(source, ckpt)
-        print(f"pruning the trained {role}: {ckpt}")
-    else:
-        print(f"note: no trained {role} yet ({ckpt} missing): pruning an UNTRAINED {role}; "
-              f"the run prunes its trained {role}, whose channels will differ")
-    student = build_model(cfg.student, data)
-    w = build_warmup(cfg.warmup, source, student, (data.in_channels, data.image_size, data.image_size))
-    rows = w.table()
-    cols = list(rows[0].keys()) if rows else []
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
-    for tap, kept in w.pruned.kept.items():
-        print(f"kept[{tap}] = {kept.tolist()}")
-    print(f"schedule: {w.schedule.describe()} ({w.epochs} of student.train.epochs={cfg.student.train.epochs})")
-    # Only where asked: a finished run directory holds what its run wrote (prune_<arm>.json), nothing more.
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        atomic_write_json(out, {"source": role, "trained": ckpt.is_file(), **w.prune_record()})
-        print(f"written: {out}")
+    source = load_source(cfg)
+    print(source.describe())
+    report = prune_report(cfg, source)
+    print(report.text())
+    if args.out:  # only where asked: a finished run directory holds what its run wrote (prune_<arm>.json)
+        atomic_write_json(Path(args.out), report.record())
+        print(f"written: {Path(args.out)}")
     return 0
 
 
 def cmd_validate(args) -> int:
     """Build everything and push one batch through every stage; no training, nothing written."""
-    from .config import describe_arm, resolve_arms
+    from .api import arm_summaries
     from .pipeline import Pipeline, schedule_warnings
 
     cfg = _config(args.config, args.overrides)
     p = Pipeline(cfg)
     p.validate(one_batch=True)  # loads every checkpoint the config names: a missing/corrupt/unfitting one is an error
-    src = "auxiliary" if cfg.auxiliary.enabled else "teacher"
-    for arm in resolve_arms(cfg):
-        print(f"arm {arm.name}: warmup={arm.warmup} method={arm.method} params={arm.params or {}} "
-              f"({cfg.student.train.epochs} student epochs, source {src}); {describe_arm(arm)}")
-    notes = schedule_warnings(cfg)
-    if cfg.student.checkpoint:
-        notes.append(f"student.checkpoint {cfg.student.checkpoint} loads, but `indistill run` does not use it: "
-                     f"every arm starts from a freshly initialised student (seed {cfg.seed})")
-    for note in notes:
+    for line in arm_summaries(cfg):
+        print(line)
+    for note in schedule_warnings(cfg):
         print(f"warning: {note}", file=sys.stderr)
     name = args.config if args.config and _exists(args.config) else "config"
     print(f"ok: {name} is valid ({p.data.name}: {len(p.data.train)} train / {len(p.data.test)} test)")

@@ -8,25 +8,12 @@ from typing import Any
 
 def cmd_pair(args: Any) -> int:
     """Build the config's source (teacher or auxiliary) and student, pair their stage taps, print the table."""
+    from .api import pair_report
     from .cli import _config
-    from .pairing import pair_taps
-    from .pipeline import build_model, load_data
 
-    cfg = _config(args.config, args.overrides)
-    data = load_data(cfg)
-    role, spec = ("auxiliary", cfg.auxiliary) if cfg.auxiliary.enabled else ("teacher", cfg.teacher)
-    shape = (data.in_channels, data.image_size, data.image_size)
-    source, student = build_model(spec, data), build_model(cfg.student, data)
-    pairs = pair_taps(source, student, shape, pairs=cfg.warmup.pairs, resize=cfg.warmup.resize, role=role)
-    print(f"# Stage pairs: {role} {spec.name} -> student {cfg.student.name} "
-          f"({data.name}, inputs {' x '.join(str(v) for v in shape)})\n")
-    print(pairs.markdown(role))
-    print("\nTo pin this pairing, put in the config:\n")
-    print(pairs.yaml(role))
-    used = pairs.restricted(cfg.warmup.taps)
-    print(f"\nThe warmup distils {', '.join(used.student_taps)} (warmup.taps: "
-          f"{cfg.warmup.taps if cfg.warmup.taps else 'all paired'}).")
-    used.check_prunable(role)  # a pair pruning cannot align: its one-line error, after the table that shows it
+    report = pair_report(_config(args.config, args.overrides))
+    print(report.text())
+    report.check()  # a pair pruning cannot align: its one-line error, after the table that shows it
     return 0
 
 

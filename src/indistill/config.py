@@ -296,6 +296,8 @@ class StudentSpec(ModelSpec):
     schedule is never reset.
     """
 
+    checkpoint: str | None = opt(None, help="every arm starts from these weights (default: a fresh student "
+                                            "initialised from seed)")
     train: TrainSpec = opt(factory=lambda: TrainSpec(epochs=25),
                            help="every arm's budget: warmup and KD method together")
     optimizer_reset: OptimizerReset | None = opt(None, help="when the optimizer's state is cleared; "

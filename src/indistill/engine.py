@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from .config import OptimizerSpec, SchedulerSpec, TrainSpec
 from .optim import build_optimizer, build_scheduler
 from .data.base import Batch, Split
 from .errors import UserError, brief
+
+if TYPE_CHECKING:  # a stage only carries them: engine imports neither
+    from .pairing import TapPairs
+    from .warmup import InDistillWarmup
 
 LossFn = Callable[[Batch, int], dict[str, torch.Tensor]]
 
@@ -299,7 +303,8 @@ class Stage:
     eval_epochs: Callable[[int], bool] | None = None  # which epochs may evaluate (default: all)
     reset_optimizer_at: Sequence[int] = ()
     meta: dict[str, Any] = field(default_factory=dict)
-    warmup: Any = None  # a student arm's InDistillWarmup (its pruning record and schedule), else None
+    warmup: InDistillWarmup | None = None  # a student arm's warmup (its pruning record and schedule)
+    pairs: TapPairs | None = None  # a student arm's stage pairs (its warmup and KD method read the same)
 
     def close(self) -> None:
         """Release what the stage holds (forward hooks); the engine calls it once the stage has run."""

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     Taps: the registered ones updated by ``spec.taps``; a model without registered taps (or ``taps: auto``)
     has them found by one dry forward at the data's input size (:mod:`indistill.models.auto`).
     """
-    shape = (data.in_channels, data.image_size, data.image_size)
+    shape = input_shape_of(data)
     if ":" in spec.name and not is_external(spec.name):
         model = call_factory(resolve_factory(spec.name), spec.name, num_classes=data.num_classes,
                              in_channels=data.in_channels, **spec.kwargs)
@@ -81,8 +83,38 @@ def build_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     return model
 
 
+def input_shape_of(data: DataSplits) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the data's images: what a model is built, paired and pruned at."""
+    return (data.in_channels, data.image_size, data.image_size)
+
+
+def load_student_checkpoint(student: nn.Module, spec: ModelSpec) -> nn.Module:
+    """Load ``student.checkpoint`` into ``student`` (``weights_only=True``, strict but for ``reset_head``):
+    the weights every arm starts from. A missing, corrupt or unfitting file is a one-line :class:`UserError`."""
+    try:
+        return load_weights(student, spec.checkpoint, reset_head=spec.reset_head)
+    except UserError as e:
+        raise UserError(f"student.checkpoint: {e} (or unset student.checkpoint to start every arm from a "
+                        f"fresh seeded student)") from None
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class SourceSpec(NamedTuple):
+    """The model a config's warmup and KD methods distil from: the auxiliary if enabled, else the teacher."""
+
+    role: str  # "auxiliary" or "teacher"
+    spec: ModelSpec
+    stage: str  # the run's stage whose final checkpoint holds it trained ("auxiliary_pkt" or "teacher")
+
+
+def source_spec(cfg: Config) -> SourceSpec:
+    """Which model of ``cfg`` is the distillation source (see :class:`SourceSpec`)."""
+    if cfg.auxiliary.enabled:
+        return SourceSpec("auxiliary", cfg.auxiliary, "auxiliary_pkt")
+    return SourceSpec("teacher", cfg.teacher, "teacher")
 
 
 def schedule_warnings(cfg: Config) -> list[str]:
@@ -137,7 +169,7 @@ class Pipeline:
         if data is None and cfg.data.download and ddp.is_distributed():
             ddp.on_main(lambda: load_data(cfg) and None)  # rank 0 downloads; the others then find the files
         self.data = data or load_data(cfg)
-        self.input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
+        self.input_shape = input_shape_of(self.data)
         self.pairings: dict[str, dict[str, Any]] = {}  # arm -> the stage pairs it distilled (results.json)
         self.engine = Engine(
             self.run_dir, self.data.train, batch_size=cfg.data.batch_size, device=self.device,
@@ -145,12 +177,20 @@ class Pipeline:
             logger=self.log, loss_guard=cfg.loss_guard, sync_bn=cfg.distributed.sync_bn,
         )
 
-    def build_model(self, spec: ModelSpec) -> nn.Module:
-        """Build ``spec`` on the run's device, initialised from ``cfg.seed`` (a re-run builds the same weights;
-        every arm of a seed starts from the same student)."""
+    def seeded_model(self, spec: ModelSpec) -> nn.Module:
+        """Build ``spec`` on the run's device, initialised from ``cfg.seed`` (a re-run builds the same weights).
+        The module-level :func:`build_model` is unseeded."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             return build_model(spec, self.data).to(self.device)
+
+    def initial_student(self) -> nn.Module:
+        """The student every arm starts from: :meth:`seeded_model`, with ``student.checkpoint``'s weights where
+        the config names one (see :func:`load_student_checkpoint`)."""
+        student = self.seeded_model(self.cfg.student)
+        if self.cfg.student.checkpoint:
+            load_student_checkpoint(student, self.cfg.student)
+        return student
 
     def meta(self, spec: ModelSpec, role: str, **extra: Any) -> dict[str, Any]:
         return model_meta(spec, self.data, role, **extra)
@@ -182,10 +222,23 @@ class Pipeline:
             cb.close()
         self.rundir.unlock()  # a no-op on ranks > 0, which never took the lock
 
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """:meth:`claim` the run directory for the block, then :meth:`release` it; a :class:`UserError` in the
+        block is recorded first, so the corrected command may then take the directory (``RunDir.check``)."""
+        self.claim()
+        try:
+            yield
+        except UserError as e:
+            self.rundir.record_failure(str(e))
+            raise
+        finally:
+            self.release()
+
     # -- stages ------------------------------------------------------------------
     def teacher(self) -> Trained:
         spec = self.cfg.teacher
-        model = self.build_model(spec)
+        model = self.seeded_model(spec)
         if spec.checkpoint:
             load_weights(model, spec.checkpoint, reset_head=spec.reset_head)
             self.log.info(f"[teacher] loaded {spec.checkpoint}")
@@ -197,7 +250,7 @@ class Pipeline:
     def auxiliary(self, teacher: nn.Module) -> Trained:
         """Stage 0: the auxiliary trains with cross-entropy, then learns the teacher's embedding by PKT."""
         spec = self.cfg.auxiliary
-        aux = self.build_model(spec)
+        aux = self.seeded_model(spec)
         if spec.checkpoint:
             load_weights(aux, spec.checkpoint)
             return Trained("auxiliary", aux, "auxiliary", Path(spec.checkpoint))
@@ -213,10 +266,12 @@ class Pipeline:
             return None
         w = self.cfg.warmup
         return pair_taps(source, student, self.input_shape, pairs=w.pairs, resize=w.resize,
-                         role="auxiliary" if self.cfg.auxiliary.enabled else "teacher")
+                         role=source_spec(self.cfg).role)
 
-    def build_warmup(self, arm: ArmSpec, source: nn.Module, student: nn.Module,
-                     pairs: TapPairs | None = None) -> InDistillWarmup | None:
+    def warmup_for(self, arm: ArmSpec, source: nn.Module, student: nn.Module,
+                   pairs: TapPairs | None = None) -> InDistillWarmup | None:
+        """The InDistill warmup of ``arm`` (``source`` pruned to ``student``'s widths, and its schedule), or
+        None for an arm without one; ``pairs`` are the arm's stage pairs (:meth:`tap_pairs`), made here if None."""
         if arm.warmup != "indistill":
             return None
         return build_warmup(self.cfg.warmup, source, student, self.input_shape, pruned_bn=arm.pruned_bn, pairs=pairs)
@@ -224,7 +279,7 @@ class Pipeline:
     def arm(self, arm: ArmSpec, source: nn.Module, student: nn.Module) -> Stage:
         """Build (not run) one arm's stage."""
         pairs = self.tap_pairs(arm, source, student)
-        warmup = self.build_warmup(arm, source, student, pairs)
+        warmup = self.warmup_for(arm, source, student, pairs)
         train = self.cfg.student.train
         W = warmup.epochs if warmup is not None else 0
         method, t_want, s_want = build_method(
@@ -243,11 +298,11 @@ class Pipeline:
         return stage
 
     def student(self, arm: ArmSpec, source: nn.Module) -> Trained:
-        student = self.build_model(self.cfg.student)  # seeded: every arm starts from the same initial student
+        student = self.initial_student()  # every arm starts from the same initial student
         stage = self.arm(arm, source, student)
         self.log.info(f"[{arm.name}] {describe_arm(arm)}; optimizer state cleared at the start of epochs "
                       f"{[e + 1 for e in stage.reset_optimizer_at] or 'none'}")
-        pairs = getattr(stage, "pairs", None)
+        pairs = stage.pairs
         if pairs is not None:  # the pairing this arm distils (its warmup and KD method alike): log and results
             self.pairings[arm.name] = pairs.record()
             self.log.info(f"[{arm.name}] stage pairs by {pairs.how}: " + "; ".join(
@@ -279,8 +334,8 @@ class Pipeline:
             load_weights(models["teacher"], self.cfg.teacher.checkpoint, reset_head=self.cfg.teacher.reset_head)
         if self.cfg.auxiliary.enabled and self.cfg.auxiliary.checkpoint:
             load_weights(models["auxiliary"], self.cfg.auxiliary.checkpoint)
-        if self.cfg.student.checkpoint:  # named, so it must load, although every arm starts from a fresh student
-            load_weights(models["student"], self.cfg.student.checkpoint, reset_head=self.cfg.student.reset_head)
+        if self.cfg.student.checkpoint:  # every arm starts from it
+            load_student_checkpoint(models["student"], self.cfg.student)
         for role, m in models.items():
             try:
                 tap_shapes(m, model_taps(m), self.input_shape)
@@ -382,10 +437,9 @@ class Pipeline:
 
         t0 = time.perf_counter()
         self.validate()
-        self.claim()
-        for note in schedule_warnings(self.cfg):  # after the claim: log.txt keeps it too
-            self.log.warning(f"warning: {note}")
-        try:
+        with self.claimed():
+            for note in schedule_warnings(self.cfg):  # after the claim: log.txt keeps it too
+                self.log.warning(f"warning: {note}")
             pending = self.pending_stages(arms)  # before any stage runs: does this invocation train anything?
             teacher = self.teacher()
             trained = [teacher]
@@ -399,13 +453,27 @@ class Pipeline:
                 trained.append(self.student(arm, source.model))
             results = self.evaluate(trained)
             wall = time.perf_counter() - t0
-            report = ddp.on_main(lambda: write_report(
+            return ddp.on_main(lambda: write_report(
                 self.run_dir, results, cfg=self.cfg, command=command, wall_time_s=wall,
                 data_source=getattr(self.data, "source", None), trained=bool(pending)))
-            return report
-        except UserError as e:
-            # A failed attempt's epoch checkpoints then do not keep the corrected config out (RunDir.check).
-            self.rundir.record_failure(str(e))
-            raise
-        finally:
-            self.release()
+
+    def train_model(self, command: str = "indistill train") -> tuple[Trained, dict[str, Any]]:
+        """``indistill train``: supervised training of ``cfg.model`` on ``cfg.data`` under ``cfg.train``, then
+        its evaluation and report in the run directory; returns the trained model and the results dict.
+
+        A finished model (its final checkpoint exists) is loaded, not trained again; the report then keeps
+        the wall time and command of the invocation that trained it.
+        """
+        from .report import write_report
+
+        model = self.seeded_model(self.cfg.model)
+        tap_shapes(model, model_taps(model), self.input_shape)  # taps that do not fit: an error before the claim
+        with self.claimed():
+            fresh = not self.engine.checkpoint_path("model").is_file()
+            self.engine.fit(supervised_stage("model", model, self.cfg.train, evaluate=self._evaluator(model),
+                                             meta=self.meta(self.cfg.model, "model")))
+            trained = Trained("model", model, "model", self.engine.checkpoint_path("model"))
+            results = self.evaluate([trained])
+            ddp.on_main(lambda: write_report(self.run_dir, results, cfg=self.cfg, command=command,
+                                             data_source=getattr(self.data, "source", None), trained=fresh))
+        return trained, results

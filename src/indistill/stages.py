@@ -55,7 +55,6 @@ class HookedStage(Stage):
     """A stage whose forward hooks are removed by :meth:`close` once it has run."""
 
     hooks: tuple[Taps, ...] = ()
-    pairs: TapPairs | None = None  # an arm's stage pairs (its warmup and KD method read the same)
 
     def close(self) -> None:
         for h in self.hooks:

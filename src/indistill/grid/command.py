@@ -69,14 +69,9 @@ def _check_report(grid: Grid, cells: list[Cell], reported: int | None, command: 
     print(f"grid: reporting {done} of {len(cells)} cells finished (nothing is trained)")
 
 
-def cmd_grid(args) -> int:
-    cfg, record = _config(args)
-    n_seeds = args.seeds if args.seeds is not None else int((record or {}).get("seeds") or 3)
-    seeds = [cfg.seed + i for i in range(n_seeds)]
-    grid = Grid(_with_arms_on_disk(cfg, seeds, args), seeds, per_seed_sources=args.per_seed_sources)
-    workers = args.workers or default_workers()
-    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-    command = _command_line(args, n_seeds, record)
+def _run_and_report(grid: Grid, args, command: str, n_seeds: int, workers: int, threads: int) -> str:
+    """Run the grid's unfinished cells (or, for ``--report-only``, check there are finished ones), then write
+    grid.json / grid.md; returns the markdown."""
     cells = grid.cells()
     reported = reported_cells(grid.root)
     t0 = time.perf_counter()
@@ -89,8 +84,18 @@ def cmd_grid(args) -> int:
             "overrides": list(args.overrides)})
     old = read_json(grid.root / "grid.json") if args.report_only and reported is not None else {}
     wall = old.get("wall_time_s") if args.report_only else time.perf_counter() - t0
-    md = write_report(grid, cells, command=command, old=old, wall_s=wall, workers=workers, threads=threads)
-    print(md)
+    return write_report(grid, cells, command=command, old=old, wall_s=wall, workers=workers, threads=threads)
+
+
+def cmd_grid(args) -> int:
+    cfg, record = _config(args)
+    n_seeds = args.seeds if args.seeds is not None else int((record or {}).get("seeds") or 3)
+    seeds = [cfg.seed + i for i in range(n_seeds)]
+    grid = Grid(_with_arms_on_disk(cfg, seeds, args), seeds, per_seed_sources=args.per_seed_sources)
+    workers = args.workers or default_workers()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+    command = _command_line(args, n_seeds, record)
+    print(_run_and_report(grid, args, command, n_seeds, workers, threads))
     print(f"grid directory: {grid.root}  (grid.json, grid.md, plots/, cells/)")
     return 0
 
