@@ -309,6 +309,9 @@ class Pipeline:
                 f"{p.teacher.name} ({p.teacher.spec}, {p.teacher.show()}) -> {p.student.name} ({p.student.spec}, "
                 f"{p.student.show()})" for p in pairs.pairs))
         warmup = stage.warmup
+        if warmup is not None and warmup.pruned.teacher_bn_taps:
+            self.log.info(f"[{arm.name}] pruned BN: authors, but no BatchNorm reads the producer of "
+                          f"{', '.join(warmup.pruned.teacher_bn_taps)}: those targets keep the teacher's activation")
         if warmup is not None and ddp.is_main():
             atomic_write_json(self.run_dir / f"prune_{arm.name}.json", warmup.prune_record())
         self.engine.fit(stage)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ArmSpec, ModelSpec, TrainSpec, WarmupSpec
+from .config import OPTIMIZER_RESETS, ArmSpec, ModelSpec, TrainSpec, WarmupSpec
 from .data import DataSplits
 from .engine import Stage, derive_seed
 from .errors import UserError
@@ -142,8 +142,6 @@ def check_budget(arm: ArmSpec, warmup: InDistillWarmup | None, train: TrainSpec)
             f"student's budget is student.train.epochs={train.epochs}; raise it or shorten the warmup"
         )
 
-
-OPTIMIZER_RESETS = ("none", "boundary", "phase", "epoch")
 
 
 def reset_epochs(mode: str, warmup: InDistillWarmup | None, epochs: int) -> tuple[int, ...]:
