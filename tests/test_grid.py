@@ -230,3 +230,36 @@ def test_grid_plots_put_each_warmup_arm_beside_its_base_and_show_the_paired_diff
     assert float(means[0].get_ydata()[0]) == pytest.approx(2.0)
     caps = sorted(float(y) for line in diff.get_lines() if line.get_marker() == "_" for y in line.get_ydata())
     assert caps[-1] == pytest.approx(p["ci_high"]) and p["ci_low"] == pytest.approx(2.0 - stats.t.ppf(0.975, 2) / math.sqrt(3))
+
+
+def test_only_trains_the_named_arms_and_the_report_still_covers_every_arm(tmp_path, capsys):
+    where = f"out_dir={tmp_path / 'out'}"
+    one_seed = [a if a != "2" else "1" for a in ARGS]  # ARGS with --seeds 1
+    assert main(["grid", *one_seed, where]) == 0
+    root = tmp_path / "out" / "demo_digits"
+    # a name that is not an arm, and --only with --report-only: one line each, nothing trained
+    assert main(["grid", *ARGS, "--only", "kd,indistill_pkt", where]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "--only: 'indistill_pkt' is not an arm" in errors[0] and "Traceback" not in err
+    assert main(["grid", *ARGS, "--only", "kd", "--report-only", where]) == 2
+    assert "--only chooses the cells" in capsys.readouterr().err
+    assert not (root / "cells" / "s1").exists()
+
+    # a second seed for kd only: indistill_kd's cell of that seed is neither trained nor configured
+    assert main(["grid", *ARGS, "--only", "kd", where]) == 0
+    assert (root / "cells" / "s1" / "kd" / "results.json").is_file()
+    assert not (root / "cells" / "s1" / "indistill_kd").exists() and not (root / "cells" / "s1" / "indistill_kd.yaml").exists()
+    rec = json.loads((root / "grid_command.json").read_text())
+    assert rec["only"] == ["kd"] and rec["seeds"] == 2 and " --only kd " in rec["command"]
+    out = json.loads((root / "grid.json").read_text())
+    assert (out["cells_finished"], out["cells_total"]) == (3, 4)
+    summary = out["summary"]
+    assert summary["arms"]["kd"]["top1"]["n"] == 2 and summary["arms"]["indistill_kd"]["top1"]["n"] == 1
+    assert summary["paired"]["indistill_kd"]["seeds"] == [0]
+    md = (root / "grid.md").read_text()
+    assert "| indistill_kd (1 of 2 seeds) |" in md and "| kd |" in md
+    assert "**Unfinished: 3 of 4 cells.**" in md and "(--only)" in md
+    # re-rendered, the report is the same; a grid without --only then trains the cell left
+    assert main(["grid", "configs/demo_digits.yaml", "--report-only", where]) == 0
+    assert (root / "grid.md").read_text() == md

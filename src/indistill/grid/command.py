@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..config import Config, config_from_tree, load_config, resolve_arms
-from ..errors import UserError
+from ..errors import UserError, suggest
 from .record import arms_on_disk, grid_record, read_json, reported_cells
 from .reporting import write_report
 from .running import ORDERS, Cell, Grid, cell_dir, default_workers, run_grid
@@ -53,7 +53,8 @@ def _command_line(args, n_seeds: int, record: dict[str, Any] | None) -> str:
         return str(record["command"])
     return " ".join(["indistill", "grid", args.config, f"--seeds {n_seeds}",
                      *([f"--workers {args.workers}"] if args.workers else []),
-                     *([f"--order {args.order}"] if args.order != "seeds" else []), *args.overrides])
+                     *([f"--order {args.order}"] if args.order != "seeds" else []),
+                     *([f"--only {args.only}"] if args.only else []), *args.overrides])
 
 
 def _check_report(grid: Grid, cells: list[Cell], reported: int | None, command: str) -> None:
@@ -69,19 +70,35 @@ def _check_report(grid: Grid, cells: list[Cell], reported: int | None, command: 
     print(f"grid: reporting {done} of {len(cells)} cells finished (nothing is trained)")
 
 
+def _only(grid: Grid, args) -> list[str] | None:
+    """The arms ``--only`` names (checked against the grid's arms), or None for every arm."""
+    if not args.only:
+        return None
+    if args.report_only:
+        raise UserError("--only chooses the cells a grid trains; --report-only trains nothing and always reports "
+                        "every arm: drop one of them")
+    names = [a.name for a in grid.arms]
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    for n in only:
+        if n not in names:
+            raise UserError(f"--only: '{n}' is not an arm of the grid{suggest(n, names)}; arms: {', '.join(names)}")
+    return only
+
+
 def _run_and_report(grid: Grid, args, command: str, n_seeds: int, workers: int, threads: int) -> str:
     """Run the grid's unfinished cells (or, for ``--report-only``, check there are finished ones), then write
     grid.json / grid.md; returns the markdown."""
     cells = grid.cells()
+    only = _only(grid, args)
     reported = reported_cells(grid.root)
     t0 = time.perf_counter()
     if args.report_only:
         _check_report(grid, cells, reported, command)
     else:
-        run_grid(grid, cells, reported=reported, order=args.order, workers=workers, threads=threads, record={
-            "command": command, "config": args.config, "seeds": n_seeds, "order": args.order,
-            "workers": args.workers, "threads": args.threads, "per_seed_sources": args.per_seed_sources,
-            "overrides": list(args.overrides)})
+        run_grid(grid, cells, reported=reported, order=args.order, workers=workers, threads=threads, only=only,
+                 record={"command": command, "config": args.config, "seeds": n_seeds, "order": args.order,
+                         "workers": args.workers, "threads": args.threads, "per_seed_sources": args.per_seed_sources,
+                         "only": only, "overrides": list(args.overrides)})
     old = read_json(grid.root / "grid.json") if args.report_only and reported is not None else {}
     wall = old.get("wall_time_s") if args.report_only else time.perf_counter() - t0
     return write_report(grid, cells, command=command, old=old, wall_s=wall, workers=workers, threads=threads)
@@ -111,6 +128,10 @@ def add_grid_parser(add) -> None:
                    help="run cells seed by seed (default), method pair by method pair over all seeds (a grid "
                         "stopped early then has whole paired comparisons), or arm by arm in the config's order; "
                         "the numbers do not depend on it")
+    p.add_argument("--only", default="", metavar="ARM[,ARM...]",
+                   help="train only these arms' unfinished cells (e.g. --seeds 5 --only kd,indistill_kd extends one "
+                        "comparison to more seeds); the report still covers every arm, each difference paired over "
+                        "the seeds where both arms finished")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write grid.json/grid.md from the cells finished so far (a grid still running), "
                         "with the seeds and overrides the grid ran with (grid_command.json); never replaces a report "

@@ -36,20 +36,25 @@ def _header(seeds: list[int], *, title: str, command: str, wall_s: float | None,
           f"Machine: {machine}" + (f"; wall time of the last invocation {wall_s / 60:.1f} min" if wall_s else ""), ""]
     if finished and finished[0] < finished[1]:
         md += [f"**Unfinished: {finished[0]} of {finished[1]} cells.** The tables cover the finished cells only "
-               f"(a paired difference uses the seeds where both arms finished); the command above continues the grid.", ""]
+               f"(a paired difference uses the seeds where both arms finished); "
+               + ("the command above continues the arms it names (--only), and without --only every arm." if " --only " in command
+                  else "the command above continues the grid."), ""]
     return md
 
 
 def _per_arm_table(summary: dict[str, Any]) -> list[str]:
     metrics = summary["metrics"]
     md = ["## Per arm: mean ± std over seeds [min, max], in percent", "", *_table_head("arm", metrics)]
+    n_seeds = len(summary["seeds"])
     for arm, stats_ in summary["arms"].items():
+        n = max((s["n"] for s in stats_.values()), default=0)
+        label = arm if n == n_seeds else f"{arm} ({n} of {n_seeds} seeds)"
         cells = []
         for m in metrics:
             s = stats_.get(m)
             k = _scale(m)
             cells.append("-" if s is None else f"{s['mean'] * k:.2f} ± {s['std'] * k:.2f} [{s['min'] * k:.2f}, {s['max'] * k:.2f}]")
-        md.append(f"| {arm} | " + " | ".join(cells) + " |")
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
     return md
 
 

@@ -222,13 +222,14 @@ def default_workers() -> int:
 
 
 def run_grid(grid: Grid, cells: list[Cell], *, record: dict[str, Any], reported: int | None, order: str,
-             workers: int, threads: int, log=print) -> None:
+             workers: int, threads: int, only: list[str] | None = None, log=print) -> None:
     """Train what ``cells`` lack, holding the grid directory's lock: record how the grid runs (``record``,
     written to ``grid_command.json``), train the shared sources, write each cell's config, run the cells.
 
     One grid per directory: a second one would run (and fail) the same cells beside the first. A report
     (``--report-only``) takes no lock: it is how one looks at a grid that is still running. A grid of fewer
-    cells than the directory's report (``reported``) is refused: it would replace that report.
+    cells than the directory's report (``reported``) is refused: it would replace that report. ``only``: train just these arms' cells (the grid and its
+    report still have every arm).
     """
     held = RunDir(grid.root)
     held.lock()
@@ -241,9 +242,11 @@ def run_grid(grid: Grid, cells: list[Cell], *, record: dict[str, Any], reported:
                 f"with, or use another directory (out_dir=... or name=...)")
         atomic_write_json(grid.root / COMMAND_FILE, record)
         grid.train_sources(log=log)
-        for c in cells:
+        todo = [c for c in cells if only is None or c.arm.name in only]
+        for c in todo:
             grid.write_cell_config(c)
-        log(f"grid: {len(cells)} cells ({len(grid.seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads")
-        run_cells(schedule(cells, grid.arms, order), workers=workers, threads=threads, log=log)
+        log(f"grid: {len(cells)} cells ({len(grid.seeds)} seeds x {len(grid.arms)} arms), {workers} workers x {threads} threads"
+            + (f"; training only the {len(todo)} cells of {', '.join(only)}" if only is not None else ""))
+        run_cells(schedule(todo, grid.arms, order), workers=workers, threads=threads, log=log)
     finally:
         held.unlock()
