@@ -260,6 +260,6 @@ def test_only_trains_the_named_arms_and_the_report_still_covers_every_arm(tmp_pa
     md = (root / "grid.md").read_text()
     assert "| indistill_kd (1 of 2 seeds) |" in md and "| kd |" in md
     assert "**Unfinished: 3 of 4 cells.**" in md and "(--only)" in md
-    # re-rendered, the report is the same; a grid without --only then trains the cell left
+    # re-rendered from the record alone (no --seeds, no arms), the report is the same
     assert main(["grid", "configs/demo_digits.yaml", "--report-only", where]) == 0
     assert (root / "grid.md").read_text() == md

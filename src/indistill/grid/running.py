@@ -228,8 +228,8 @@ def run_grid(grid: Grid, cells: list[Cell], *, record: dict[str, Any], reported:
 
     One grid per directory: a second one would run (and fail) the same cells beside the first. A report
     (``--report-only``) takes no lock: it is how one looks at a grid that is still running. A grid of fewer
-    cells than the directory's report (``reported``) is refused: it would replace that report. ``only``: train just these arms' cells (the grid and its
-    report still have every arm).
+    cells than the directory's report (``reported``) is refused: it would replace that report.
+    ``only``: train just these arms' cells (the grid and its report still have every arm).
     """
     held = RunDir(grid.root)
     held.lock()
